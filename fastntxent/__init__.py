@@ -1,0 +1,20 @@
+"""fastntxent: fused, memory-lean contrastive losses (NT-Xent, multi-view, SupCon) for PyTorch.
+
+    import fastntxent as fx
+    loss = fx.nt_xent(z1, z2, temperature=0.5)
+"""
+from . import _extension, reference
+from .functional import multiview_nt_xent, nt_xent, supcon
+from .losses import NTXentLoss, SupConLoss
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "nt_xent",
+    "multiview_nt_xent",
+    "supcon",
+    "NTXentLoss",
+    "SupConLoss",
+    "reference",
+    "__version__",
+]

@@ -1,0 +1,31 @@
+"""Loads the compiled extension `fastntxent._C` (fused CPU kernels, CUDA kernels when built).
+
+Importing it registers the `torch.ops.fastntxent.*` C++ operators. A missing build is not an
+error here: `backend="auto"` then falls back to the reference and explicit backends say why.
+"""
+from __future__ import annotations
+
+import torch
+
+try:
+    from . import _C  # noqa: F401  (registers the operators)
+
+    LOAD_ERROR: Exception | None = None
+except ImportError as exc:  # not built (e.g. a source checkout without build_ext)
+    LOAD_ERROR = exc
+
+
+def has_cpu_kernels() -> bool:
+    return LOAD_ERROR is None
+
+
+def has_cuda_kernels() -> bool:
+    return LOAD_ERROR is None and torch._C._dispatch_has_kernel_for_dispatch_key(
+        "fastntxent::self_forward", "CUDA"
+    )
+
+
+if LOAD_ERROR is None:
+    from ._ops import register_self_ops
+
+    register_self_ops("fastntxent::self_forward", "fastntxent::self_backward")

@@ -1,0 +1,94 @@
+"""Input checks shared by every entry point: clear ValueError/TypeError naming the argument."""
+from __future__ import annotations
+
+import math
+from typing import Union
+
+import torch
+
+SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+REDUCTIONS = ("mean", "sum", "none")
+BACKENDS = ("auto", "cpu", "triton", "cuda", "reference")
+
+Scalar = Union[float, int, torch.Tensor]
+
+
+def _compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
+def check_embeddings(name: str, x, ndim: int = 2) -> torch.Tensor:
+    """`x` must be a floating tensor of rank `ndim` with non-zero extents."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(x.shape)}")
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(
+            f"{name} has dtype {x.dtype}; supported: float32, float64, bfloat16, float16"
+        )
+    if x.numel() == 0:
+        raise ValueError(f"{name} must not be empty, got shape {tuple(x.shape)}")
+    return x
+
+
+def check_same_device(**tensors: torch.Tensor) -> None:
+    items = [(k, v) for k, v in tensors.items() if v is not None]
+    first_name, first = items[0]
+    for name, t in items[1:]:
+        if t.device != first.device:
+            raise ValueError(
+                f"{name} is on {t.device} but {first_name} is on {first.device}; "
+                "put all inputs on one device"
+            )
+
+
+def check_labels(labels, rows: int, device: torch.device) -> torch.Tensor:
+    """Integer labels of shape (rows,) on `device`; returned as int64."""
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise TypeError(f"labels must be an integer tensor, got dtype {labels.dtype}")
+    if labels.shape != (rows,):
+        raise ValueError(f"labels must have shape ({rows},) to match z, got {tuple(labels.shape)}")
+    if labels.device != device:
+        raise ValueError(f"labels is on {labels.device} but z is on {device}")
+    return labels.to(torch.int64)
+
+
+def check_reduction(reduction: str) -> str:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    return reduction
+
+
+def check_backend(backend: str) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    return backend
+
+
+def as_temperature(temperature: Scalar, like: torch.Tensor, name: str = "temperature") -> torch.Tensor:
+    """A 0-dim tensor in the accumulation dtype of `like`, on its device, keeping autograd.
+
+    Floats and 0-dim tensors are accepted; the value must be finite and > 0.
+    """
+    acc = torch.float64 if like.dtype == torch.float64 else torch.float32
+    if isinstance(temperature, bool) or not isinstance(temperature, (float, int, torch.Tensor)):
+        raise TypeError(f"{name} must be a float or a 0-dim tensor, got {type(temperature).__name__}")
+    if isinstance(temperature, torch.Tensor):
+        if temperature.numel() != 1 or temperature.dim() > 1:
+            raise ValueError(f"{name} must be a scalar (0-dim) tensor, got shape {tuple(temperature.shape)}")
+        if not temperature.dtype.is_floating_point:
+            raise TypeError(f"{name} must be a floating tensor, got dtype {temperature.dtype}")
+        if temperature.device != like.device and temperature.device.type != "cpu":
+            raise ValueError(f"{name} is on {temperature.device} but the embeddings are on {like.device}")
+        if not _compiling():
+            value = float(temperature.detach())
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be finite and > 0, got {value}")
+        return temperature.reshape(()).to(device=like.device, dtype=acc)
+    value = float(temperature)
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be finite and > 0, got {value}")
+    return torch.tensor(value, dtype=acc, device=like.device)

@@ -1,0 +1,66 @@
+"""Build of fastntxent: the Python package plus the compiled extension `fastntxent._C`.
+
+The extension always holds the fused C++ CPU kernels. Environment switches:
+  FASTNTXENT_SKIP_CUDA=1    never build CUDA kernels
+  FASTNTXENT_FORCE_CUDA=1   build CUDA kernels even where torch sees no GPU
+  FASTNTXENT_CUDA_ARCHS     ";"-separated compute capabilities (default "80;90")
+  MAX_JOBS                  parallel compile jobs (ninja)
+"""
+import glob
+import os
+
+from setuptools import find_packages, setup
+from torch.utils import cpp_extension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _sources(pattern):
+    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
+
+
+def _want_cuda():
+    if os.environ.get("FASTNTXENT_SKIP_CUDA") == "1":
+        return False
+    if not _sources("csrc/cuda/*.cu"):
+        return False
+    if os.environ.get("FASTNTXENT_FORCE_CUDA") == "1":
+        return True
+    import torch
+
+    # Needs nvcc and a torch built with CUDA (a CPU-only torch cannot link CUDA code);
+    # no GPU is needed to compile.
+    return cpp_extension.CUDA_HOME is not None and torch.version.cuda is not None
+
+
+def _extension():
+    cxx_flags = ["-O3", "-fopenmp"]
+    sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
+    if not _want_cuda():
+        return cpp_extension.CppExtension(
+            "fastntxent._C", sources, extra_compile_args={"cxx": cxx_flags}, extra_link_args=["-fopenmp"]
+        )
+    archs = os.environ.get("FASTNTXENT_CUDA_ARCHS", "80;90").replace(",", ";").split(";")
+    gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs if a.strip()]
+    import torch
+
+    include_dirs = []
+    # The pip CUDA wheels ship headers (cusparse.h, ...) that torch's headers include.
+    nvidia_inc = os.path.join(os.path.dirname(torch.__file__), "..", "nvidia", "cu13", "include")
+    if os.path.isdir(nvidia_inc):
+        include_dirs.append(os.path.abspath(nvidia_inc))
+    return cpp_extension.CUDAExtension(
+        "fastntxent._C",
+        sources + _sources("csrc/cuda/*.cpp") + _sources("csrc/cuda/*.cu"),
+        include_dirs=include_dirs,
+        define_macros=[("FASTNTXENT_WITH_CUDA", "1")],
+        extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--use_fast_math", *gencode]},
+        extra_link_args=["-fopenmp"],
+    )
+
+
+setup(
+    packages=find_packages(include=["fastntxent", "fastntxent.*"]),
+    ext_modules=[_extension()],
+    cmdclass={"build_ext": cpp_extension.BuildExtension},
+)
