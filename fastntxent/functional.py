@@ -11,6 +11,7 @@ import torch
 
 from . import reference
 from ._dispatch import resolve_backend, self_ops
+from ._ops import accumulation_dtype
 from ._validation import (
     Scalar,
     as_temperature,
@@ -57,7 +58,10 @@ def self_similarity_loss(
     check_reduction(reduction)
     tau = as_temperature(temperature, z)
     name = resolve_backend(backend, z.device)
-    u = reference.normalize_rows(z) if normalize else z
+    # The CPU kernel computes in fp32 whatever the input: hand it fp32 rows rather than rows
+    # rounded back to bf16/fp16 (GPU kernels take the input dtype for the tensor cores).
+    u_dtype = accumulation_dtype(z.dtype) if name == "cpu" else z.dtype
+    u = reference.normalize_rows(z, u_dtype) if normalize else z
     if name == "reference":
         u_ref = u.to(torch.float64 if u.dtype == torch.float64 else torch.float32)
         lab = labels if labels is not None else reference.implicit_labels(u.shape[0], period, u.device)

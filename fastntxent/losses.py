@@ -36,7 +36,7 @@ class _TemperatureModule(nn.Module):
                     return_stats=return_stats)
 
     def extra_repr(self) -> str:
-        t = float(self.temperature)
+        t = float(torch.as_tensor(self.temperature).detach())
         return (f"temperature={t:.4g}, learnable_temperature={self.learnable_temperature}, "
                 f"normalize={self.normalize}, reduction={self.reduction!r}, backend={self.backend!r}")
 

@@ -10,11 +10,11 @@ import torch
 EPS = 1e-8
 
 
-def normalize_rows(z: torch.Tensor) -> torch.Tensor:
-    """u_i = z_i / max(‖z_i‖, eps); (M, D) -> (M, D), same dtype (norm computed in ≥ fp32)."""
+def normalize_rows(z: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """u_i = z_i / max(‖z_i‖, eps); (M, D) -> (M, D) in `dtype` (default z's), computed in ≥ fp32."""
     acc = torch.float64 if z.dtype == torch.float64 else torch.float32
     norm = torch.linalg.vector_norm(z.to(acc), dim=1, keepdim=True).clamp_min(EPS)
-    return (z.to(acc) / norm).to(z.dtype)
+    return (z.to(acc) / norm).to(dtype or z.dtype)
 
 
 def reduce_rows(row_loss: torch.Tensor, has_pos: torch.Tensor, reduction: str) -> torch.Tensor:
