@@ -42,11 +42,9 @@ def _cuda_ok():
 
 
 def _triton_ok():
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    from fastntxent._dispatch import _triton_available
+
+    return _triton_available()[0]
 
 
 # (backend, device) pairs; a backend joins the shared suite by adding a line here.
@@ -55,7 +53,7 @@ BACKEND_CASES = [
                  marks=pytest.mark.skipif(not ext.has_cpu_kernels(), reason="fastntxent._C not built")),
     pytest.param("triton", "cpu", id="triton-interpret",
                  marks=pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" or not _triton_ok(),
-                                          reason="needs TRITON_INTERPRET=1 and triton")),
+                                          reason="needs TRITON_INTERPRET=1 and fastntxent._triton")),
     pytest.param("triton", "cuda", id="triton-cuda",
                  marks=pytest.mark.skipif(not (_cuda_ok() and _triton_ok()), reason="needs a CUDA GPU")),
     pytest.param("cuda", "cuda", id="cuda",
