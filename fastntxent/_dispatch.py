@@ -27,10 +27,22 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """Concrete backend name for `backend` on `device`; raises ValueError saying why not."""
+# Backends whose kernels compute in fp32 at most (fp64 would silently lose precision).
+_FP32_ONLY = ("triton", "cuda")
+
+
+def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype = torch.float32) -> str:
+    """Concrete backend name for `backend` on `device` and input `dtype`; raises ValueError
+    saying why when the requested backend cannot run."""
     check_backend(backend)
+    if backend in _FP32_ONLY and dtype == torch.float64:
+        raise ValueError(
+            f'backend="{backend}" computes in fp32 and does not take float64 inputs; use '
+            'backend="cpu" (CPU tensors) or "reference", or cast the embeddings to float32'
+        )
     if backend == "auto":
+        if device.type == "cuda" and dtype == torch.float64:
+            return "reference"
         if device.type == "cuda":
             if _triton_available()[0]:
                 return "triton"

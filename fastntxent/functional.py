@@ -57,7 +57,7 @@ def self_similarity_loss(
     """Core of the family. z: (M, D); labels: (M,) int64 or None for label(i) = i mod period."""
     check_reduction(reduction)
     tau = as_temperature(temperature, z)
-    name = resolve_backend(backend, z.device)
+    name = resolve_backend(backend, z.device, z.dtype)
     # The CPU kernel computes in fp32 whatever the input: hand it fp32 rows rather than rows
     # rounded back to bf16/fp16 (GPU kernels take the input dtype for the tensor cores).
     u_dtype = accumulation_dtype(z.dtype) if name == "cpu" else z.dtype

@@ -29,6 +29,8 @@ needs_ext = pytest.mark.skipif(not _extension.has_cpu_kernels(), reason="fastntx
         (lambda: fx.nt_xent(torch.randn(4, 3), torch.randn(4, 3), reduction="avg"), ValueError, "reduction must be one of"),
         (lambda: fx.nt_xent(torch.randn(4, 3), torch.randn(4, 3), backend="tpu"), ValueError, "backend must be one of"),
         (lambda: fx.nt_xent(torch.randn(4, 3), torch.randn(4, 3), backend="cuda"), ValueError, 'backend="cuda" needs CUDA tensors'),
+        (lambda: fx.nt_xent(torch.randn(4, 3).double(), torch.randn(4, 3).double(), backend="cuda"),
+         ValueError, "does not take float64"),
         (lambda: fx.supcon(torch.randn(4, 3), torch.zeros(5, dtype=torch.long)), ValueError, r"labels must have shape \(4,\)"),
         (lambda: fx.supcon(torch.randn(4, 3), torch.zeros(4)), TypeError, "labels must be an integer tensor"),
         (lambda: fx.supcon(torch.randn(4, 3), torch.zeros(4, 1, dtype=torch.long)), ValueError, "labels must have shape"),

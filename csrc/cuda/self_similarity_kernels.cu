@@ -1,0 +1,434 @@
+// CUDA kernels of the self-similarity family (SPEC §1): NT-Xent, multi-view, SupCon.
+//
+// Forward: one block of 128 threads per 64 rows; it sweeps 64-column tiles. A tile's raw
+// dot products are one small matrix product staged through shared memory — tensor cores
+// (WMMA 16×16×16, fp32 accumulators) for fp16/bf16, FFMA for fp32 — then each pair of threads
+// owns one row (32 columns each) and updates its online max-subtracted logsumexp, Σ P·s,
+// positive sums/counts and top-1 statistic, merging the two halves with warp shuffles.
+// Backward: the block recomputes each tile once, turns it into H_kj = G_kj + G_jk (SPEC §1,
+// from the row and column logsumexps) and accumulates H·U for its own rows in registers:
+// every output row is written by exactly one block — no atomics, deterministic. For fp16
+// inputs the H·U product runs in bf16 (H spans a range fp16 would underflow).
+// Index arithmetic on rows and offsets is 64-bit.
+#include "self_similarity_kernels.h"
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <mma.h>
+
+#include <cmath>
+#include <type_traits>
+
+namespace fastntxent {
+namespace cuda_kernels {
+namespace {
+
+using namespace nvcuda;
+
+constexpr int kRows = 64;        // rows of a block
+constexpr int kCols = 64;        // columns of a tile
+constexpr int kThreads = 128;    // thread t owns columns [32·(t&1), 32·(t&1)+32) of row t/2
+constexpr int kHalf = kCols / 2;
+constexpr int kSLd = kCols + 4;  // fp32 score tile leading dimension
+constexpr unsigned kFullMask = 0xffffffffu;
+static_assert(kRows == kCols, "tile_scores stages rows and columns in one loop");
+static_assert(kThreads == 2 * kRows, "two threads per row");
+
+__device__ __forceinline__ float to_float(float x) { return x; }
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+template <typename T>
+__device__ __forceinline__ T from_float(float x);
+template <>
+__device__ __forceinline__ float from_float<float>(float x) { return x; }
+template <>
+__device__ __forceinline__ __half from_float<__half>(float x) { return __float2half(x); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16(x); }
+
+// How tiles are multiplied for an element type.
+template <typename T>
+struct Traits {  // fp16 / bf16: tensor cores
+  using Mix = __nv_bfloat16;               // type of H and U in the backward's H·U product
+  static constexpr bool kTensorCores = true;
+  static constexpr int kChunk = 64;        // D staged per step of the score product
+  static constexpr int kPad = 8;
+  static constexpr int kV = 128;           // output columns of the backward per pass
+  static constexpr int kMixPad = 8;
+};
+template <>
+struct Traits<float> {  // fp32: FFMA, exact fp32 arithmetic
+  using Mix = float;
+  static constexpr bool kTensorCores = false;
+  static constexpr int kChunk = 32;
+  static constexpr int kPad = 1;
+  static constexpr int kV = 64;
+  static constexpr int kMixPad = 1;
+};
+
+// Shared-memory layout (bytes), one static buffer per element type:
+//   S      fp32 scores [kRows][kSLd]                       (fp32: H is written in place)
+//   region stage A,B [kRows+kCols][kChunk+kPad]  or  U [kCols][kV+kMixPad]
+//   H      Mix [kRows][kCols+kMixPad]                      (tensor-core types only)
+//   cols   per-column label, a, b, lse of the current tile
+template <typename T>
+struct Layout {
+  using Tr = Traits<T>;
+  using Mix = typename Tr::Mix;
+  static constexpr int kStageLd = Tr::kChunk + Tr::kPad;
+  static constexpr int kULd = Tr::kV + Tr::kMixPad;
+  static constexpr int kHLd = Tr::kTensorCores ? kCols + Tr::kMixPad : kSLd;
+  static constexpr size_t kSBytes = sizeof(float) * kRows * kSLd;
+  static constexpr size_t kStageBytes = sizeof(T) * (kRows + kCols) * kStageLd;
+  static constexpr size_t kUBytes = sizeof(Mix) * kCols * kULd;
+  static constexpr size_t kRegionBytes = kStageBytes > kUBytes ? kStageBytes : kUBytes;
+  static constexpr size_t kHBytes = Tr::kTensorCores ? sizeof(Mix) * kRows * kHLd : 0;
+  static constexpr size_t kColBytes = kCols * (sizeof(int64_t) + 3 * sizeof(float));
+  static constexpr size_t kBytes = kSBytes + kRegionBytes + kHBytes + kColBytes;
+  static_assert(kSBytes % 32 == 0 && kRegionBytes % 32 == 0 && kHBytes % 32 == 0, "WMMA alignment");
+  static_assert(kBytes <= 48 * 1024, "static shared memory limit");
+};
+
+struct Smem {
+  float* S;
+  void* region;
+  void* H;
+  int64_t* col_label;
+  float* col_a;
+  float* col_b;
+  float* col_lse;
+};
+
+template <typename T>
+__device__ __forceinline__ Smem carve(unsigned char* base) {
+  using L = Layout<T>;
+  Smem s;
+  s.S = reinterpret_cast<float*>(base);
+  s.region = base + L::kSBytes;
+  s.H = Traits<T>::kTensorCores ? static_cast<void*>(base + L::kSBytes + L::kRegionBytes)
+                                : static_cast<void*>(s.S);
+  unsigned char* cols = base + L::kSBytes + L::kRegionBytes + L::kHBytes;
+  s.col_label = reinterpret_cast<int64_t*>(cols);
+  s.col_a = reinterpret_cast<float*>(cols + kCols * sizeof(int64_t));
+  s.col_b = s.col_a + kCols;
+  s.col_lse = s.col_b + kCols;
+  return s;
+}
+
+__device__ __forceinline__ int64_t label_of(const int64_t* labels, int64_t period, int64_t j) {
+  return labels != nullptr ? labels[j] : j % period;
+}
+
+// S[r][c] = u_{r0+r} · u_{c0+c} (zero outside the matrix). Ends with __syncthreads().
+template <typename T>
+__device__ void tile_scores(const T* __restrict__ u, int64_t M, int64_t D, int64_t ld, int64_t r0,
+                            int64_t c0, const Smem& sm) {
+  using Tr = Traits<T>;
+  constexpr int kLd = Layout<T>::kStageLd;
+  T* A = static_cast<T*>(sm.region);
+  T* B = A + kRows * kLd;
+  const int tid = threadIdx.x;
+  const T zero = from_float<T>(0.f);
+
+  if constexpr (Tr::kTensorCores) {
+    const int warp = tid / 32;
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[kCols / 16];
+#pragma unroll
+    for (int n = 0; n < kCols / 16; ++n) wmma::fill_fragment(acc[n], 0.f);
+    for (int64_t d0 = 0; d0 < D; d0 += Tr::kChunk) {
+      for (int e = tid; e < kRows * Tr::kChunk; e += kThreads) {
+        const int r = e / Tr::kChunk, d = e % Tr::kChunk;
+        const int64_t gd = d0 + d, gi = r0 + r, gj = c0 + r;
+        A[r * kLd + d] = (gi < M && gd < D) ? u[gi * ld + gd] : zero;
+        B[r * kLd + d] = (gj < M && gd < D) ? u[gj * ld + gd] : zero;
+      }
+      __syncthreads();
+#pragma unroll
+      for (int kk = 0; kk < Tr::kChunk; kk += 16) {
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
+        wmma::load_matrix_sync(a, A + warp * 16 * kLd + kk, kLd);
+#pragma unroll
+        for (int n = 0; n < kCols / 16; ++n) {
+          wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> b;
+          wmma::load_matrix_sync(b, B + n * 16 * kLd + kk, kLd);
+          wmma::mma_sync(acc[n], a, b, acc[n]);
+        }
+      }
+      __syncthreads();
+    }
+#pragma unroll
+    for (int n = 0; n < kCols / 16; ++n)
+      wmma::store_matrix_sync(sm.S + warp * 16 * kSLd + n * 16, acc[n], kSLd, wmma::mem_row_major);
+  } else {
+    const int r = tid >> 1, h = tid & 1;
+    float acc[kHalf];
+#pragma unroll
+    for (int cc = 0; cc < kHalf; ++cc) acc[cc] = 0.f;
+    for (int64_t d0 = 0; d0 < D; d0 += Tr::kChunk) {
+      for (int e = tid; e < kRows * Tr::kChunk; e += kThreads) {
+        const int rr = e / Tr::kChunk, d = e % Tr::kChunk;
+        const int64_t gd = d0 + d, gi = r0 + rr, gj = c0 + rr;
+        A[rr * kLd + d] = (gi < M && gd < D) ? u[gi * ld + gd] : zero;
+        B[rr * kLd + d] = (gj < M && gd < D) ? u[gj * ld + gd] : zero;
+      }
+      __syncthreads();
+#pragma unroll 4
+      for (int d = 0; d < Tr::kChunk; ++d) {
+        const float a = to_float(A[r * kLd + d]);
+#pragma unroll
+        for (int cc = 0; cc < kHalf; ++cc) acc[cc] = fmaf(a, to_float(B[(h * kHalf + cc) * kLd + d]), acc[cc]);
+      }
+      __syncthreads();
+    }
+#pragma unroll
+    for (int cc = 0; cc < kHalf; ++cc) sm.S[r * kSLd + h * kHalf + cc] = acc[cc];
+  }
+  __syncthreads();
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    forward_kernel(const T* __restrict__ u, int64_t M, int64_t D, int64_t ld,
+                   const float* __restrict__ temperature, const int64_t* __restrict__ labels,
+                   int64_t period, float* __restrict__ lse, float* __restrict__ pos_sum,
+                   float* __restrict__ pos_count, float* __restrict__ ps_sum, float* __restrict__ top1) {
+  __shared__ __align__(128) unsigned char smem[Layout<T>::kBytes];
+  const Smem sm = carve<T>(smem);
+  const int tid = threadIdx.x, r = tid >> 1, h = tid & 1;
+  const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kRows;
+  const int64_t i = r0 + r;
+  const bool row_ok = i < M;
+  const float inv_tau = 1.f / *temperature;
+  const int64_t li = row_ok ? label_of(labels, period, i) : -1;
+  const float neg_inf = -INFINITY;
+
+  float m = neg_inf, l = 0.f, ps = 0.f, psum = 0.f, cnt = 0.f, best = neg_inf;
+  bool best_pos = false;
+  for (int64_t c0 = 0; c0 < M; c0 += kCols) {
+    if (tid < kCols) {
+      const int64_t j = c0 + tid;
+      sm.col_label[tid] = j < M ? label_of(labels, period, j) : -1;
+    }
+    tile_scores<T>(u, M, D, ld, r0, c0, sm);
+
+    float s[kHalf];
+    float tmax = neg_inf;
+    int targ = -1;
+#pragma unroll
+    for (int cc = 0; cc < kHalf; ++cc) {
+      const int c = h * kHalf + cc;
+      const int64_t j = c0 + c;
+      s[cc] = (row_ok && j < M && j != i) ? sm.S[r * kSLd + c] * inv_tau : neg_inf;
+      if (s[cc] > tmax) { tmax = s[cc]; targ = c; }
+    }
+    // Merge with the other half of the row (lane ^ 1); the lower column wins ties.
+    const float other_max = __shfl_xor_sync(kFullMask, tmax, 1);
+    const int other_arg = __shfl_xor_sync(kFullMask, targ, 1);
+    if (other_max > tmax || (other_max == tmax && other_arg >= 0 && (targ < 0 || other_arg < targ))) {
+      tmax = other_max;
+      targ = other_arg;
+    }
+    const float new_m = fmaxf(m, tmax);
+    const float shift = new_m == neg_inf ? 0.f : new_m;
+    float tl = 0.f, tps = 0.f, tpos = 0.f, tcnt = 0.f;
+#pragma unroll
+    for (int cc = 0; cc < kHalf; ++cc) {
+      if (s[cc] != neg_inf) {
+        const float e = __expf(s[cc] - shift);
+        tl += e;
+        tps += e * s[cc];
+        if (sm.col_label[h * kHalf + cc] == li) { tpos += s[cc]; tcnt += 1.f; }
+      }
+    }
+    tl += __shfl_xor_sync(kFullMask, tl, 1);
+    tps += __shfl_xor_sync(kFullMask, tps, 1);
+    tpos += __shfl_xor_sync(kFullMask, tpos, 1);
+    tcnt += __shfl_xor_sync(kFullMask, tcnt, 1);
+    if (targ >= 0) {
+      if (tmax > best) {
+        best = tmax;
+        best_pos = sm.col_label[targ] == li;
+      }
+      const float scale = m == neg_inf ? 0.f : __expf(m - new_m);
+      l = l * scale + tl;
+      ps = ps * scale + tps;
+      m = new_m;
+    }
+    psum += tpos;
+    cnt += tcnt;
+    __syncthreads();  // the next tile overwrites S and the column labels
+  }
+  if (row_ok && h == 0) {
+    lse[i] = l > 0.f ? m + logf(l) : neg_inf;
+    ps_sum[i] = l > 0.f ? ps / l : 0.f;
+    pos_sum[i] = psum;
+    pos_count[i] = cnt;
+    top1[i] = best_pos ? 1.f : 0.f;
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    backward_kernel(const T* __restrict__ u, int64_t M, int64_t D, int64_t ld,
+                    const float* __restrict__ temperature, const int64_t* __restrict__ labels,
+                    int64_t period, const float* __restrict__ lse, const float* __restrict__ grad_lse,
+                    const float* __restrict__ grad_pos, float* __restrict__ grad) {
+  using Tr = Traits<T>;
+  using L = Layout<T>;
+  using Mix = typename Tr::Mix;
+  __shared__ __align__(128) unsigned char smem[L::kBytes];
+  const Smem sm = carve<T>(smem);
+  Mix* H = static_cast<Mix*>(sm.H);
+  Mix* U = static_cast<Mix*>(sm.region);
+  const int tid = threadIdx.x, r = tid >> 1, h = tid & 1;
+  const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kRows;
+  const int64_t k = r0 + r;
+  const bool row_ok = k < M;
+  const float inv_tau = 1.f / *temperature;
+  const float ak = row_ok ? grad_lse[k] : 0.f, bk = row_ok ? grad_pos[k] : 0.f;
+  const float lk = row_ok ? lse[k] : 0.f;
+  const int64_t labk = row_ok ? label_of(labels, period, k) : -1;
+  const Mix mix_zero = from_float<Mix>(0.f);
+
+  for (int64_t v0 = 0; v0 < D; v0 += Tr::kV) {
+    // Accumulators of grad[r0:r0+64, v0:v0+kV].
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> facc[Tr::kTensorCores ? Tr::kV / 16 : 1];
+    float racc[Tr::kTensorCores ? 1 : kHalf];
+    if constexpr (Tr::kTensorCores) {
+#pragma unroll
+      for (int n = 0; n < Tr::kV / 16; ++n) wmma::fill_fragment(facc[n], 0.f);
+    } else {
+#pragma unroll
+      for (int vv = 0; vv < kHalf; ++vv) racc[vv] = 0.f;
+    }
+    for (int64_t c0 = 0; c0 < M; c0 += kCols) {
+      if (tid < kCols) {
+        const int64_t j = c0 + tid;
+        const bool ok = j < M;
+        sm.col_label[tid] = ok ? label_of(labels, period, j) : -1;
+        sm.col_a[tid] = ok ? grad_lse[j] : 0.f;
+        sm.col_b[tid] = ok ? grad_pos[j] : 0.f;
+        sm.col_lse[tid] = ok ? lse[j] : 0.f;
+      }
+      tile_scores<T>(u, M, D, ld, r0, c0, sm);
+      // H_kj = a_k P_kj + a_j P_jk + (b_k + b_j)[j ∈ P(k)]; a term is skipped when its a is 0,
+      // so that an lse of -inf (a row without columns) never meets exp.
+#pragma unroll
+      for (int cc = 0; cc < kHalf; ++cc) {
+        const int c = h * kHalf + cc;
+        const int64_t j = c0 + c;
+        float v = 0.f;
+        if (row_ok && j < M && j != k) {
+          const float s = sm.S[r * kSLd + c] * inv_tau;
+          if (ak != 0.f) v += ak * __expf(s - lk);
+          const float aj = sm.col_a[c];
+          if (aj != 0.f) v += aj * __expf(s - sm.col_lse[c]);
+          if (sm.col_label[c] == labk) v += bk + sm.col_b[c];
+        }
+        H[r * L::kHLd + c] = from_float<Mix>(v);  // fp32: in place of S, same thread, same element
+      }
+      // Stage the tile's columns, dims [v0, v0 + kV), into the region the scores no longer use.
+      for (int e = tid; e < kCols * Tr::kV; e += kThreads) {
+        const int c = e / Tr::kV, vv = e % Tr::kV;
+        const int64_t gj = c0 + c, gd = v0 + vv;
+        U[c * L::kULd + vv] = (gj < M && gd < D) ? from_float<Mix>(to_float(u[gj * ld + gd])) : mix_zero;
+      }
+      __syncthreads();
+      if constexpr (Tr::kTensorCores) {
+        const int warp = tid / 32;
+#pragma unroll
+        for (int kk = 0; kk < kCols; kk += 16) {
+          wmma::fragment<wmma::matrix_a, 16, 16, 16, Mix, wmma::row_major> a;
+          wmma::load_matrix_sync(a, H + warp * 16 * L::kHLd + kk, L::kHLd);
+#pragma unroll
+          for (int n = 0; n < Tr::kV / 16; ++n) {
+            wmma::fragment<wmma::matrix_b, 16, 16, 16, Mix, wmma::row_major> b;
+            wmma::load_matrix_sync(b, U + kk * L::kULd + n * 16, L::kULd);
+            wmma::mma_sync(facc[n], a, b, facc[n]);
+          }
+        }
+      } else {
+#pragma unroll 4
+        for (int c = 0; c < kCols; ++c) {
+          const float hv = to_float(H[r * L::kHLd + c]);
+#pragma unroll
+          for (int vv = 0; vv < kHalf; ++vv) racc[vv] = fmaf(hv, to_float(U[c * L::kULd + h * kHalf + vv]), racc[vv]);
+        }
+      }
+      __syncthreads();  // the next tile overwrites S, H, U and the column data
+    }
+    // Write this block's rows of grad[:, v0:v0+kV], scaled by 1/τ.
+    if constexpr (Tr::kTensorCores) {
+      const int warp = tid / 32, lane = tid % 32;
+      float* stage = sm.S + warp * 16 * kSLd;  // the warp's own 16 rows of the score tile
+#pragma unroll
+      for (int n = 0; n < Tr::kV / 16; ++n) {
+        wmma::store_matrix_sync(stage, facc[n], kSLd, wmma::mem_row_major);
+        __syncwarp();
+        for (int e = lane; e < 256; e += 32) {
+          const int rr = e / 16, cc = e % 16;
+          const int64_t gk = r0 + warp * 16 + rr, gd = v0 + n * 16 + cc;
+          if (gk < M && gd < D) grad[gk * D + gd] = stage[rr * kSLd + cc] * inv_tau;
+        }
+        __syncwarp();
+      }
+      __syncthreads();
+    } else {
+#pragma unroll
+      for (int vv = 0; vv < kHalf; ++vv) {
+        const int64_t gd = v0 + h * kHalf + vv;
+        if (row_ok && gd < D) grad[k * D + gd] = racc[vv] * inv_tau;
+      }
+    }
+  }
+}
+
+inline unsigned row_blocks(int64_t M) { return static_cast<unsigned>((M + kRows - 1) / kRows); }
+
+template <typename T>
+cudaError_t launch_forward(const SelfProblem& p, float* lse, float* pos_sum, float* pos_count,
+                           float* ps_sum, float* top1, cudaStream_t stream) {
+  forward_kernel<T><<<row_blocks(p.M), kThreads, 0, stream>>>(
+      static_cast<const T*>(p.u), p.M, p.D, p.row_stride, p.temperature, p.labels, p.period, lse,
+      pos_sum, pos_count, ps_sum, top1);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t launch_backward(const SelfProblem& p, const float* lse, const float* grad_lse,
+                            const float* grad_pos, float* grad_u, cudaStream_t stream) {
+  backward_kernel<T><<<row_blocks(p.M), kThreads, 0, stream>>>(
+      static_cast<const T*>(p.u), p.M, p.D, p.row_stride, p.temperature, p.labels, p.period, lse,
+      grad_lse, grad_pos, grad_u);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+cudaError_t self_forward(const SelfProblem& p, float* lse, float* pos_sum, float* pos_count,
+                         float* ps_sum, float* top1, cudaStream_t stream) {
+  if (p.M < 1 || p.D < 1 || p.period < 1) return cudaErrorInvalidValue;
+  switch (p.type) {
+    case ElementType::kFloat32: return launch_forward<float>(p, lse, pos_sum, pos_count, ps_sum, top1, stream);
+    case ElementType::kFloat16: return launch_forward<__half>(p, lse, pos_sum, pos_count, ps_sum, top1, stream);
+    case ElementType::kBFloat16:
+      return launch_forward<__nv_bfloat16>(p, lse, pos_sum, pos_count, ps_sum, top1, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+cudaError_t self_backward(const SelfProblem& p, const float* lse, const float* grad_lse,
+                          const float* grad_pos, float* grad_u, cudaStream_t stream) {
+  if (p.M < 1 || p.D < 1 || p.period < 1) return cudaErrorInvalidValue;
+  switch (p.type) {
+    case ElementType::kFloat32: return launch_backward<float>(p, lse, grad_lse, grad_pos, grad_u, stream);
+    case ElementType::kFloat16: return launch_backward<__half>(p, lse, grad_lse, grad_pos, grad_u, stream);
+    case ElementType::kBFloat16:
+      return launch_backward<__nv_bfloat16>(p, lse, grad_lse, grad_pos, grad_u, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace cuda_kernels
+}  // namespace fastntxent
