@@ -186,10 +186,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> self_forw
   at::NoGradGuard no_grad;  // the kernels' tile products are not part of any graph
   const Inputs in = prepare(u, temperature, labels, period);
   const int64_t M = u.size(0);
-  auto opts = in.u.options();
-  at::Tensor lse = at::empty({M}, opts), pos_sum = at::empty({M}, opts),
-             pos_count = at::empty({M}, opts), ps_sum = at::empty({M}, opts),
-             top1 = at::empty({M}, opts);
+  // Poisoned: a row the kernel failed to write shows up as NaN, never as plausible garbage.
+  const auto poisoned = [&] { return at::full({M}, std::numeric_limits<double>::quiet_NaN(), in.u.options()); };
+  at::Tensor lse = poisoned(), pos_sum = poisoned(), pos_count = poisoned(), ps_sum = poisoned(),
+             top1 = poisoned();
   AT_DISPATCH_FLOATING_TYPES(in.u.scalar_type(), "self_forward_cpu", [&] {
     forward_impl<scalar_t>(in, lse.data_ptr<scalar_t>(), pos_sum.data_ptr<scalar_t>(),
                            pos_count.data_ptr<scalar_t>(), ps_sum.data_ptr<scalar_t>(),
@@ -211,7 +211,7 @@ at::Tensor self_backward_cpu(const at::Tensor& u, const at::Tensor& temperature,
   const auto acc = in.u.scalar_type();
   const at::Tensor lse_c = lse.to(acc).contiguous(), a = grad_lse.to(acc).contiguous(),
                    b = grad_pos.to(acc).contiguous();
-  at::Tensor grad = at::empty_like(in.u);
+  at::Tensor grad = at::full_like(in.u, std::numeric_limits<double>::quiet_NaN());
   AT_DISPATCH_FLOATING_TYPES(acc, "self_backward_cpu", [&] {
     backward_impl<scalar_t>(in, lse_c.data_ptr<scalar_t>(), a.data_ptr<scalar_t>(),
                             b.data_ptr<scalar_t>(), grad);
