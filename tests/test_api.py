@@ -108,3 +108,17 @@ def test_torch_compile_fullgraph():
     assert torch.allclose(loss, eager, rtol=1e-5, atol=1e-6)
     for g, p in zip(grads, model.parameters()):
         assert torch.allclose(g, p.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_cuda_kernels_are_built_where_they_can_be():
+    """With nvcc and a CUDA build of torch the extension must carry the CUDA kernels (CI
+    builds them on every submission, GPU or not)."""
+    import os
+
+    from torch.utils import cpp_extension
+
+    if os.environ.get("FASTNTXENT_SKIP_CUDA") == "1" or torch.version.cuda is None:
+        pytest.skip("CUDA build disabled or torch without CUDA")
+    if cpp_extension.CUDA_HOME is None:
+        pytest.skip("no CUDA toolkit")
+    assert _extension.has_cuda_kernels(), "fastntxent._C was built without its CUDA kernels"
