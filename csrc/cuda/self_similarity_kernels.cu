@@ -120,6 +120,23 @@ __device__ __forceinline__ int64_t label_of(const int64_t* labels, int64_t perio
   return labels != nullptr ? labels[j] : j % period;
 }
 
+// Stages dims [d0, d0 + kChunk) of rows r0.. into A and of rows c0.. into B, zero outside
+// the matrix. Ends with __syncthreads().
+template <typename T>
+__device__ __forceinline__ void stage_chunk(const T* __restrict__ u, int64_t M, int64_t D, int64_t ld,
+                                            int64_t r0, int64_t c0, int64_t d0, T* A, T* B) {
+  constexpr int kChunk = Traits<T>::kChunk;
+  constexpr int kLd = Layout<T>::kStageLd;
+  const T zero = from_float<T>(0.f);
+  for (int e = threadIdx.x; e < kRows * kChunk; e += kThreads) {
+    const int r = e / kChunk, d = e % kChunk;
+    const int64_t gd = d0 + d, gi = r0 + r, gj = c0 + r;
+    A[r * kLd + d] = (gi < M && gd < D) ? u[gi * ld + gd] : zero;
+    B[r * kLd + d] = (gj < M && gd < D) ? u[gj * ld + gd] : zero;
+  }
+  __syncthreads();
+}
+
 // S[r][c] = u_{r0+r} · u_{c0+c} (zero outside the matrix). Ends with __syncthreads().
 template <typename T>
 __device__ void tile_scores(const T* __restrict__ u, int64_t M, int64_t D, int64_t ld, int64_t r0,
@@ -129,7 +146,6 @@ __device__ void tile_scores(const T* __restrict__ u, int64_t M, int64_t D, int64
   T* A = static_cast<T*>(sm.region);
   T* B = A + kRows * kLd;
   const int tid = threadIdx.x;
-  const T zero = from_float<T>(0.f);
 
   if constexpr (Tr::kTensorCores) {
     const int warp = tid / 32;
@@ -137,13 +153,7 @@ __device__ void tile_scores(const T* __restrict__ u, int64_t M, int64_t D, int64
 #pragma unroll
     for (int n = 0; n < kCols / 16; ++n) wmma::fill_fragment(acc[n], 0.f);
     for (int64_t d0 = 0; d0 < D; d0 += Tr::kChunk) {
-      for (int e = tid; e < kRows * Tr::kChunk; e += kThreads) {
-        const int r = e / Tr::kChunk, d = e % Tr::kChunk;
-        const int64_t gd = d0 + d, gi = r0 + r, gj = c0 + r;
-        A[r * kLd + d] = (gi < M && gd < D) ? u[gi * ld + gd] : zero;
-        B[r * kLd + d] = (gj < M && gd < D) ? u[gj * ld + gd] : zero;
-      }
-      __syncthreads();
+      stage_chunk<T>(u, M, D, ld, r0, c0, d0, A, B);
 #pragma unroll
       for (int kk = 0; kk < Tr::kChunk; kk += 16) {
         wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
@@ -166,13 +176,7 @@ __device__ void tile_scores(const T* __restrict__ u, int64_t M, int64_t D, int64
 #pragma unroll
     for (int cc = 0; cc < kHalf; ++cc) acc[cc] = 0.f;
     for (int64_t d0 = 0; d0 < D; d0 += Tr::kChunk) {
-      for (int e = tid; e < kRows * Tr::kChunk; e += kThreads) {
-        const int rr = e / Tr::kChunk, d = e % Tr::kChunk;
-        const int64_t gd = d0 + d, gi = r0 + rr, gj = c0 + rr;
-        A[rr * kLd + d] = (gi < M && gd < D) ? u[gi * ld + gd] : zero;
-        B[rr * kLd + d] = (gj < M && gd < D) ? u[gj * ld + gd] : zero;
-      }
-      __syncthreads();
+      stage_chunk<T>(u, M, D, ld, r0, c0, d0, A, B);
 #pragma unroll 4
       for (int d = 0; d < Tr::kChunk; ++d) {
         const float a = to_float(A[r * kLd + d]);
