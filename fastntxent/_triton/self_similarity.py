@@ -313,11 +313,12 @@ def _self_bwd_kernel(
         lse_c = tl.where(use_c, lse_c, float("inf"))
         valid = col_ok[None, :] & (rows[:, None] != cols[None, :])
 
-        # H_kj = a_k P_kj + a_j P_jk + (b_k + b_j)[same label], j ≠ k.
+        # H_kj = a_k P_kj + a_j P_jk + (b_k + b_j)[same label], j ≠ k. s ≤ lse for every
+        # valid entry; the clamp only keeps the masked diagonal from overflowing exp2.
         h = tl.where(valid & use_r[:, None],
-                     a_r[:, None] * tl.exp2((s - lse_r[:, None]) * LOG2E), 0.0)
+                     a_r[:, None] * tl.exp2(tl.minimum(s - lse_r[:, None], 0.0) * LOG2E), 0.0)
         h += tl.where(valid & use_c[None, :],
-                      a_c[None, :] * tl.exp2((s - lse_c[None, :]) * LOG2E), 0.0)
+                      a_c[None, :] * tl.exp2(tl.minimum(s - lse_c[None, :], 0.0) * LOG2E), 0.0)
         h += tl.where(valid & (lab_r[:, None] == lab_c[None, :]), b_r[:, None] + b_c[None, :], 0.0)
         if H_BF16:
             acc = tl.dot(h.to(tl.bfloat16), k.to(tl.bfloat16), acc)

@@ -1,0 +1,308 @@
+"""Triton backend of the self-similarity family (fastntxent/_triton/self_similarity.py).
+
+Without a GPU the kernels run on CPU tensors under TRITON_INTERPRET=1 (set by conftest.py) at
+small sizes, where tl.dot is exact fp32; the CUDA cases (larger M, tf32 / bf16 / fp16 tensor
+cores) skip cleanly without a GPU. Everything is compared with the float64 reference: loss, ∂z
+and ∂τ, with an upstream gradient that is not 1.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import fastntxent as fx
+from fastntxent import reference
+from fastntxent._dispatch import _triton_available, resolve_backend, self_ops
+from helpers import TOLERANCE, assert_rel_close, rel_err
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+TRITON_OK = _triton_available()[0]
+CUDA_OK = torch.cuda.is_available() and TRITON_OK
+
+needs_interpreter = pytest.mark.skipif(not (INTERPRET and TRITON_OK),
+                                       reason="needs TRITON_INTERPRET=1 and triton")
+needs_cuda = pytest.mark.skipif(not CUDA_OK, reason="needs a CUDA GPU and triton")
+
+if TRITON_OK:
+    from fastntxent._triton import self_similarity as ts
+else:  # pragma: no cover
+    ts = None
+
+# (M, D, τ) under the interpreter: M = 1 and 2, odd M, D = 1, D across the 64-wide D chunk.
+INTERP_SHAPES = [(1, 3, 0.5), (2, 1, 5.0), (37, 33, 0.01), (96, 130, 0.5)]
+
+
+def make_call(mode, M, D, device):
+    """float64 embeddings (M', D) and loss(z, τ, **kw) for the mode."""
+    if mode == "supcon":
+        z = torch.randn(M, D, dtype=torch.float64)
+        labels = torch.randint(0, max(1, M // 4), (M,)).to(device)
+        return z, lambda zz, t, **kw: fx.supcon(zz, labels, t, **kw)
+    if mode == "nt_xent":
+        N = max(1, M // 2)
+        z = torch.randn(2 * N, D, dtype=torch.float64)
+        return z, lambda zz, t, **kw: fx.nt_xent(zz[:N], zz[N:], t, **kw)
+    V = 3
+    N = max(1, M // V)
+    z = torch.randn(V * N, D, dtype=torch.float64)
+    return z, lambda zz, t, **kw: fx.multiview_nt_xent(zz.view(V, N, D), t, **kw)
+
+
+def loss_and_grads(call, z, tau, dtype, device, backend, reduction, upstream):
+    zz = z.to(device=device, dtype=dtype).detach().clone().requires_grad_(True)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    t = torch.tensor(tau, dtype=acc, device=device, requires_grad=True)
+    loss = call(zz, t, backend=backend, reduction=reduction)
+    weight = upstream.to(device=device, dtype=loss.dtype) if reduction == "none" else 1.7
+    (loss * weight).sum().backward()
+    return loss.detach(), zz.grad, t.grad
+
+
+def check_against_reference(call, z, tau, dtype, device, reduction, tol=None, what=""):
+    z = z.to(dtype).to(torch.float64)  # both sides see the same rounded inputs
+    upstream = torch.rand(z.shape[0], dtype=torch.float64) + 0.5
+    ref = loss_and_grads(call, z, tau, torch.float64, device, "reference", reduction, upstream)
+    got = loss_and_grads(call, z, tau, dtype, device, "triton", reduction, upstream)
+    low = dtype in (torch.bfloat16, torch.float16)
+    base = loss_and_grads(call, z, tau, dtype, device, "reference", reduction, upstream) if low else ref
+    for name, g, r, b in zip(("loss", "dz", "dtau"), got, ref, base):
+        assert g.device.type == torch.device(device).type
+        assert torch.isfinite(g).all(), f"{what} {name} has NaN/inf"
+        bound = tol if tol is not None else max(TOLERANCE[dtype], 2 * rel_err(b, r))
+        assert_rel_close(g, r, bound, f"{what} {name}")
+
+
+# ----------------------------------------------------------------------------------------
+# Interpreter (CPU tensors)
+# ----------------------------------------------------------------------------------------
+@needs_interpreter
+@pytest.mark.parametrize("mode", ["nt_xent", "multiview", "supcon"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_interpreter_matches_float64_reference(mode, dtype, reduction):
+    for M, D, tau in INTERP_SHAPES:
+        z, call = make_call(mode, M, D, "cpu")
+        check_against_reference(call, z, tau, dtype, "cpu", reduction, what=f"M={M} D={D} tau={tau}")
+
+
+@needs_interpreter
+@pytest.mark.parametrize("splits", [2, 3])
+@pytest.mark.parametrize("mode", ["nt_xent", "supcon"])
+def test_column_splits_merge(monkeypatch, splits, mode):
+    """The occupancy path (several column splits, lse merge, fp32 partial gradients)."""
+    monkeypatch.setattr(ts, "SPLITS", splits)
+    for M, D, tau in [(2, 5, 0.5), (37, 130, 0.01), (96, 20, 0.5)]:
+        z, call = make_call(mode, M, D, "cpu")
+        check_against_reference(call, z, tau, torch.float32, "cpu", "none", what=f"splits={splits} M={M}")
+
+
+def _rows_vs_reference(u, tau, labels, period):
+    M = u.shape[0]
+    t = torch.tensor(tau)
+    got = ts.self_forward(u, t, labels, period)
+    lab = labels if labels is not None else reference.implicit_labels(M, period)
+    ref = reference.self_similarity_rows(u.double(), t.double(), lab)
+    return got, ref
+
+
+@needs_interpreter
+@pytest.mark.parametrize("splits", [None, 3])
+def test_row_statistics_and_top1_ties(monkeypatch, splits):
+    """The op's five row outputs; duplicated rows make exact ties: the first index wins."""
+    monkeypatch.setattr(ts, "SPLITS", splits)
+    M, D = 70, 12
+    u = torch.nn.functional.normalize(torch.randn(M, D), dim=1)
+    # Row 5 has exact copies at 40 (positive) and 65 (negative) -> argmax is 40 for row 5,
+    # rows 40 and 65 see row 5 first. Row 10's copies: 12 (negative) before 50 (positive).
+    u[40] = u[5]
+    u[65] = u[5]
+    u[12] = u[10]
+    u[50] = u[10]
+    labels = torch.randint(0, 6, (M,))
+    labels[40] = labels[5]
+    labels[65] = labels[5] + 100
+    labels[12] = labels[10] + 100
+    labels[50] = labels[10]
+    for lab, period in [(labels, 1), (None, 35), (None, 1)]:
+        got, ref = _rows_vs_reference(u, 0.1, lab, period)
+        for name, g, r in zip(("lse", "pos_sum", "pos_count", "ps_sum"), got[:4], ref[:4]):
+            assert g.dtype == torch.float32 and g.shape == (M,)
+            assert_rel_close(g, r, 1e-5, name)
+        assert torch.equal(got[4], ref[4].float()), "top1"
+        if lab is not None:
+            assert got[4][5] == 1 and got[4][10] == 0
+
+
+@needs_interpreter
+def test_single_row_and_no_positive():
+    t = torch.tensor(0.5)
+    lse, pos_sum, cnt, ps, top1 = ts.self_forward(torch.randn(1, 4), t, None, 1)
+    assert lse.item() == float("-inf") and ps.item() == 0 and cnt.item() == 0 and top1.item() == 0
+    grad = ts.self_backward(torch.randn(1, 4), t, None, 1, lse, torch.zeros(1), torch.zeros(1))
+    assert torch.equal(grad, torch.zeros(1, 4))
+    for z, call in [
+        (torch.randn(1, 4), lambda zz: fx.supcon(zz, torch.zeros(1, dtype=torch.long), 0.5, backend="triton")),
+        (torch.randn(5, 4), lambda zz: fx.supcon(zz, torch.arange(5), 0.5, backend="triton")),
+        (torch.randn(1, 3, 4), lambda zz: fx.multiview_nt_xent(zz, 0.5, backend="triton")),
+    ]:
+        zz = z.requires_grad_(True)
+        loss = call(zz)
+        loss.backward()
+        assert loss.item() == 0.0
+        assert torch.equal(zz.grad, torch.zeros_like(zz))
+
+
+@needs_interpreter
+def test_zero_one_and_many_positives():
+    labels = torch.tensor([7, 1, 1, 2, 2, 2, 2, 2, 2, 2, 9])
+    z = torch.randn(11, 16, dtype=torch.float64)
+    call = lambda zz, t, **kw: fx.supcon(zz, labels, t, **kw)  # noqa: E731
+    for reduction in ("mean", "sum", "none"):
+        check_against_reference(call, z, 0.1, torch.float32, "cpu", reduction, tol=1e-5, what=reduction)
+
+
+@needs_interpreter
+def test_non_contiguous_input():
+    base = torch.randn(40, 2 * 33)
+    labels = torch.randint(0, 5, (40,))
+    views = {
+        "strided columns": base[:, ::2],
+        "transposed": base[:, :33].t().contiguous().t(),
+        "strided rows": torch.randn(80, 33)[::2],
+    }
+    t = torch.tensor(0.2)
+    for name, u in views.items():
+        u64 = u.double()
+        assert not u.is_contiguous(), name
+        got = ts.self_forward(u, t, labels, 1)
+        exp = ts.self_forward(u.contiguous(), t, labels, 1)
+        for g, e in zip(got, exp):
+            torch.testing.assert_close(g, e, rtol=1e-6, atol=1e-6)
+        a, b = torch.rand(40), -torch.rand(40)
+        g = ts.self_backward(u, t, labels, 1, got[0], a, b)
+        e = ts.self_backward(u.contiguous(), t, labels, 1, exp[0], a, b)
+        assert g.is_contiguous()
+        torch.testing.assert_close(g, e, rtol=1e-6, atol=1e-6)
+        # through the API without normalisation, the strided rows reach the kernel as they are
+        zz = u.detach().requires_grad_(True)
+        loss = fx.supcon(zz, labels, 0.2, normalize=False, backend="triton")
+        loss.backward()
+        uu = u64.clone().requires_grad_(True)
+        ref = fx.supcon(uu, labels, 0.2, normalize=False, backend="reference")
+        ref.backward()
+        assert_rel_close(loss, ref, 1e-5, name)
+        assert_rel_close(zz.grad, uu.grad, 1e-5, name)
+
+
+@needs_interpreter
+def test_float64_refused_with_clear_error():
+    u = torch.randn(4, 3, dtype=torch.float64)
+    with pytest.raises(ValueError, match="cpu.*reference|reference.*cpu"):
+        ts.self_forward(u, torch.tensor(0.5, dtype=torch.float64), None, 2)
+    with pytest.raises(ValueError, match="float64"):
+        fx.nt_xent(u[:2], u[2:], 0.5, backend="triton")
+
+
+@needs_interpreter
+def test_fp32_precision_switch():
+    assert ts.get_fp32_precision() in ("tf32", "tf32x3", "ieee")
+    old = ts.get_fp32_precision()
+    try:
+        ts.set_fp32_precision("ieee")
+        assert ts.get_fp32_precision() == "ieee"
+        z = torch.randn(20, 9)
+        loss_ieee = fx.supcon(z, torch.arange(20) % 4, 0.3, backend="triton")
+        ts.set_fp32_precision("tf32")
+        loss_tf32 = fx.supcon(z, torch.arange(20) % 4, 0.3, backend="triton")
+        # The interpreter does not emulate tf32: both are exact fp32 here.
+        torch.testing.assert_close(loss_ieee, loss_tf32)
+        with pytest.raises(ValueError, match="precision"):
+            ts.set_fp32_precision("fp16")
+    finally:
+        ts.set_fp32_precision(old)
+
+
+@needs_interpreter
+def test_opcheck():
+    M, D = 13, 7
+    u = torch.nn.functional.normalize(torch.randn(M, D), dim=1).requires_grad_(True)
+    t = torch.tensor(0.3)
+    labels = torch.randint(0, 3, (M,))
+    for lab, period in [(labels, 1), (None, 6)]:
+        torch.library.opcheck(ts.self_forward, (u, t, lab, period))
+        lse = ts.self_forward(u.detach(), t, lab, period)[0]
+        args = (u.detach(), t, lab, period, lse, torch.rand(M), -torch.rand(M))
+        torch.library.opcheck(ts.self_backward, args)
+
+
+@needs_interpreter
+def test_backend_resolution_picks_triton():
+    assert resolve_backend("triton", torch.device("cpu"), torch.float32) == "triton"
+    ops = self_ops("triton")
+    assert ops.forward is ts.self_forward and ops.backward is ts.self_backward
+    assert ops.forward is torch.ops.fastntxent.self_forward_triton
+    # backend="triton" runs these operators (the autograd graph records them).
+    z = torch.randn(8, 5, requires_grad=True)
+    seen = []
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Spy(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with Spy():
+        fx.nt_xent(z[:4], z[4:], 0.5, backend="triton").backward()
+    assert any("self_forward_triton" in s for s in seen), seen
+    assert any("self_backward_triton" in s for s in seen), seen
+
+
+# ----------------------------------------------------------------------------------------
+# CUDA (skipped without a GPU)
+# ----------------------------------------------------------------------------------------
+CUDA_SHAPES = [(1000, 128, 0.01), (4099, 77, 0.01), (513, 300, 0.1), (4099, 256, 0.5)]
+
+
+@needs_cuda
+@pytest.mark.parametrize("mode", ["nt_xent", "supcon"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+def test_cuda_matches_float64_reference(mode, dtype):
+    for M, D, tau in CUDA_SHAPES:
+        z, call = make_call(mode, M, D, "cuda")
+        # fp32 runs as tf32 by default: compare it like a 10-bit-mantissa input.
+        tol = 2e-2 if dtype == torch.float32 else None
+        check_against_reference(call, z, tau, dtype, "cuda", "mean", tol=tol, what=f"M={M} D={D}")
+
+
+@needs_cuda
+def test_cuda_fp32_ieee_is_tight():
+    old = ts.get_fp32_precision()
+    try:
+        ts.set_fp32_precision("ieee")
+        for M, D, tau in CUDA_SHAPES[:2]:
+            z, call = make_call("supcon", M, D, "cuda")
+            check_against_reference(call, z, tau, torch.float32, "cuda", "none", tol=1e-4, what=f"M={M}")
+    finally:
+        ts.set_fp32_precision(old)
+
+
+@needs_cuda
+def test_cuda_splits_and_auto_backend(monkeypatch):
+    assert resolve_backend("auto", torch.device("cuda"), torch.bfloat16) == "triton"
+    for splits in (1, 5):
+        monkeypatch.setattr(ts, "SPLITS", splits)
+        z, call = make_call("multiview", 3000, 128, "cuda")
+        check_against_reference(call, z, 0.05, torch.bfloat16, "cuda", "sum", what=f"splits={splits}")
+
+
+@needs_cuda
+def test_cuda_deterministic():
+    z = torch.randn(2048, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    grads = []
+    for _ in range(2):
+        z.grad = None
+        fx.nt_xent(z[:1024], z[1024:], 0.1, backend="triton").backward()
+        grads.append(z.grad.clone())
+    assert torch.equal(grads[0], grads[1])
