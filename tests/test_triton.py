@@ -306,3 +306,27 @@ def test_cuda_deterministic():
         fx.nt_xent(z[:1024], z[1024:], 0.1, backend="triton").backward()
         grads.append(z.grad.clone())
     assert torch.equal(grads[0], grads[1])
+
+
+@needs_interpreter
+def test_torch_compile_fullgraph():
+    """The triton operators are opaque custom ops with fake kernels: torch.compile traces them."""
+    head = torch.nn.Linear(6, 5)
+    t = torch.tensor(0.3, requires_grad=True)
+
+    def f(a, b, temp):
+        return fx.nt_xent(head(a), head(b), temp, backend="triton")
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True, dynamic=True)
+    a, b = torch.randn(9, 6), torch.randn(9, 6)
+    loss = compiled(a, b, t)
+    loss.backward()
+    grads = [p.grad.clone() for p in (*head.parameters(), t)]
+    for p in (*head.parameters(), t):
+        p.grad = None
+    eager = f(a, b, t)
+    eager.backward()
+    torch.testing.assert_close(loss, eager, rtol=1e-5, atol=1e-6)
+    for g, p in zip(grads, (*head.parameters(), t)):
+        torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-6)

@@ -30,6 +30,7 @@ backend="cpu" or "reference".
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import Optional
 
@@ -75,7 +76,7 @@ _INTERP_BLOCK_M = 32
 _INTERP_BLOCK_N = 32
 _INTERP_BLOCK_D = 64
 # On the GPU: D up to this is held in one chunk (row block kept in registers / shared memory).
-_MAX_SINGLE_D = 256
+_MAX_SINGLE_D = {torch.bfloat16: 256, torch.float16: 256, torch.float32: 128}
 _CHUNK_D = 64      # D chunk of the similarity products when D > _MAX_SINGLE_D
 _CHUNK_DO = 128    # output D chunk of the backward when D > _MAX_SINGLE_D
 
@@ -90,6 +91,7 @@ else:
         triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3),
         triton.Config({"BLOCK_M": 64, "BLOCK_N": 128}, num_warps=4, num_stages=3),
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 32}, num_warps=4, num_stages=4),
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2),  # fits any GPU
     ]
     _BWD_CONFIGS = [
         triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2),
@@ -98,9 +100,9 @@ else:
         triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=3),
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 32}, num_warps=8, num_stages=3),
         triton.Config({"BLOCK_M": 64, "BLOCK_N": 128}, num_warps=8, num_stages=2),
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=1),  # fits any GPU
     ]
 
-_LOG2E = 1.4426950408889634
 
 
 # --------------------------------------------------------------------------------------
@@ -147,7 +149,6 @@ def _self_fwd_kernel(
     D_CHUNKS: tl.constexpr, HAS_LABELS: tl.constexpr, SPLIT: tl.constexpr,
     CAST_F32: tl.constexpr, PREC: tl.constexpr,
 ):
-    LOG2E: tl.constexpr = 1.4426950408889634
     pid_m = tl.program_id(0).to(tl.int64)
     pid_s = tl.program_id(1)
     n_split = tl.num_programs(1)
@@ -212,8 +213,8 @@ def _self_fwd_kernel(
 
         m_new = tl.maximum(m_i, t_max)
         m_use = tl.where(m_new == neg_inf, 0.0, m_new)
-        alpha = tl.exp2((m_i - m_use) * LOG2E)
-        p = tl.exp2((s_m - m_use[:, None]) * LOG2E)  # masked entries: exp2(−inf) = 0
+        alpha = tl.exp2((m_i - m_use) * 1.4426950408889634)
+        p = tl.exp2((s_m - m_use[:, None]) * 1.4426950408889634)  # masked entries: exp2(−inf) = 0
         l_i = l_i * alpha + tl.sum(p, 1)
         ps_i = ps_i * alpha + tl.sum(p * tl.where(valid, s, 0.0), 1)
         pos_i += tl.sum(tl.where(pos, s, 0.0), 1)
@@ -250,7 +251,6 @@ def _self_bwd_kernel(
     BLOCK_DO: tl.constexpr, D_CHUNKS: tl.constexpr, HAS_LABELS: tl.constexpr,
     CAST_F32: tl.constexpr, PREC: tl.constexpr, H_BF16: tl.constexpr,
 ):
-    LOG2E: tl.constexpr = 1.4426950408889634
     pid_m = tl.program_id(0).to(tl.int64)
     pid_s = tl.program_id(1)
     pid_d = tl.program_id(2)
@@ -316,9 +316,9 @@ def _self_bwd_kernel(
         # H_kj = a_k P_kj + a_j P_jk + (b_k + b_j)[same label], j ≠ k. s ≤ lse for every
         # valid entry; the clamp only keeps the masked diagonal from overflowing exp2.
         h = tl.where(valid & use_r[:, None],
-                     a_r[:, None] * tl.exp2(tl.minimum(s - lse_r[:, None], 0.0) * LOG2E), 0.0)
+                     a_r[:, None] * tl.exp2(tl.minimum(s - lse_r[:, None], 0.0) * 1.4426950408889634), 0.0)
         h += tl.where(valid & use_c[None, :],
-                      a_c[None, :] * tl.exp2(tl.minimum(s - lse_c[None, :], 0.0) * LOG2E), 0.0)
+                      a_c[None, :] * tl.exp2(tl.minimum(s - lse_c[None, :], 0.0) * 1.4426950408889634), 0.0)
         h += tl.where(valid & (lab_r[:, None] == lab_c[None, :]), b_r[:, None] + b_c[None, :], 0.0)
         if H_BF16:
             acc = tl.dot(h.to(tl.bfloat16), k.to(tl.bfloat16), acc)
@@ -372,16 +372,21 @@ def _prepare(u, temperature, labels):
     return u.detach(), tau, lab
 
 
-def _d_blocks(D: int) -> tuple[int, int, int]:
+def _d_blocks(D: int, dtype: torch.dtype) -> tuple[int, int, int]:
     """(BLOCK_D, D_CHUNKS, BLOCK_DO) for the similarity products and the backward output."""
     if _INTERPRET:
         bd = min(_INTERP_BLOCK_D, max(16, triton.next_power_of_2(D)))
         chunks = triton.cdiv(D, bd)
         return bd, chunks, bd
-    if D <= _MAX_SINGLE_D:
+    if D <= _MAX_SINGLE_D[dtype]:
         bd = max(16, triton.next_power_of_2(D))
         return bd, 1, bd
     return _CHUNK_D, triton.cdiv(D, _CHUNK_D), _CHUNK_DO
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def _num_splits(u: torch.Tensor) -> int:
@@ -391,7 +396,7 @@ def _num_splits(u: torch.Tensor) -> int:
     if u.device.type != "cuda":
         return 1
     M = u.shape[0]
-    n_sm = torch.cuda.get_device_properties(u.device).multi_processor_count
+    n_sm = _sm_count(u.device.index if u.device.index is not None else torch.cuda.current_device())
     row_blocks = triton.cdiv(M, 128)
     target = 2 * n_sm
     if row_blocks >= target:
@@ -419,7 +424,7 @@ def _self_forward_triton(
     outs = [torch.empty(M, **f32) for _ in range(5)]
     if M == 0:
         return tuple(outs)
-    block_d, d_chunks, _ = _d_blocks(D)
+    block_d, d_chunks, _ = _d_blocks(D, u.dtype)
     splits = _num_splits(u)
     dummy = outs[0]
     work = torch.empty((7, splits, M), **f32) if splits > 1 else dummy
@@ -468,7 +473,7 @@ def _self_backward_triton(
     lse = lse.detach().to(**f32).contiguous()
     a = grad_lse.detach().to(**f32).contiguous()
     b = grad_pos.detach().to(**f32).contiguous()
-    block_d, d_chunks, block_do = _d_blocks(D)
+    block_d, d_chunks, block_do = _d_blocks(D, u.dtype)
     splits = _num_splits(u)
     # fp32 buffer with several splits (summed below) and under the interpreter (its bf16/fp16
     # stores are not trusted); otherwise the kernel writes u's dtype directly.
