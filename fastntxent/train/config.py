@@ -1,0 +1,136 @@
+"""The resolved run configuration: one dataclass, defaults chosen per method and dataset."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Optional
+
+METHODS = ("simclr", "moco")
+DATASETS = ("digits", "cifar10", "cifar100", "stl10", "imagefolder")
+ARCHS = ("auto", "digits_cnn", "resnet18", "resnet50")
+OPTIMIZERS = ("auto", "lars", "sgd", "adamw")
+
+# Fields that must agree between a checkpoint and the run resuming it (anything else, such
+# as the number of epochs, the output directory or progress bars, may change on resume).
+STRUCTURAL_FIELDS = (
+    "method", "dataset", "arch", "cifar_stem", "width", "proj_hidden_dim", "proj_output_dim",
+    "queue_size", "symmetric", "optimizer", "batch_size", "seed", "learnable_temperature",
+)
+
+
+@dataclass
+class TrainConfig:
+    # what to train
+    method: str = "simclr"
+    dataset: str = "digits"
+    data_dir: Optional[str] = None
+    arch: str = "auto"                      # digits -> digits_cnn, otherwise resnet18
+    cifar_stem: Optional[bool] = None       # None: True for 32x32 datasets
+    width: int = 16                         # digits CNN base width (features: 4 * width)
+    proj_hidden_dim: Optional[int] = None   # None: 256 on digits, 2048 otherwise
+    proj_output_dim: Optional[int] = None   # None: 64 on digits, 256 otherwise
+    temperature: Optional[float] = None     # None: 0.2 (solo-learn's SimCLR and MoCo v2+ value)
+    learnable_temperature: bool = False
+    # MoCo v2
+    queue_size: Optional[int] = None        # None: 512 on digits, 32768 otherwise
+    momentum_base: float = 0.99
+    momentum_final: float = 0.999
+    symmetric: bool = False
+    # optimisation
+    epochs: Optional[int] = None            # None: 60 on digits, 1000 otherwise
+    stop_after_epochs: Optional[int] = None  # checkpoint and exit after this many (time-sliced jobs)
+    batch_size: Optional[int] = None        # per process; None: 256
+    optimizer: str = "auto"                 # simclr -> lars, moco -> sgd
+    lr: Optional[float] = None              # per 256 samples of global batch (scaled linearly)
+    weight_decay: Optional[float] = None
+    momentum: float = 0.9
+    lars_eta: float = 0.02
+    lars_clip: bool = True
+    warmup_epochs: Optional[float] = None   # None: 10 (digits: 5)
+    min_lr: float = 0.0
+    # augmentations (large images; digits have their own, see augment.DigitsAugment)
+    jitter_strength: Optional[float] = None  # colour jitter s; None: 1.0 simclr, 0.5 moco
+    min_scale: float = 0.08
+    blur_prob: Optional[float] = None       # None: 0.5 for images >= 64 px, 0 for 32 px
+    crop_size: Optional[int] = None         # None: 32 CIFAR, 96 STL-10, 224 ImageFolder
+    # evaluation
+    knn_k: int = 20
+    knn_temperature: float = 0.07
+    knn_every: int = 1
+    probe: bool = True
+    baseline: bool = True
+    probe_weight_decay: float = 1e-4
+    # system
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "auto"                 # auto: bf16 autocast on CUDA, fp32 on CPU
+    num_workers: int = 4
+    loss_backend: str = "auto"
+    sync_bn: bool = True
+    out_dir: str = "runs"
+    run_dir: Optional[str] = None
+    resume: Optional[str] = None
+    ckpt_every: int = 1
+    progress: bool = True
+    plot: bool = True
+    extra: dict = field(default_factory=dict)
+
+    def resolved(self) -> "TrainConfig":
+        """A copy with every None/auto default filled in for this method and dataset."""
+        c = dataclasses.replace(self, extra=dict(self.extra))
+        if c.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {c.method!r}")
+        if c.dataset not in DATASETS:
+            raise ValueError(f"dataset must be one of {DATASETS}, got {c.dataset!r}")
+        if c.arch not in ARCHS:
+            raise ValueError(f"arch must be one of {ARCHS}, got {c.arch!r}")
+        if c.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {c.optimizer!r}")
+        digits = c.dataset == "digits"
+        moco = c.method == "moco"
+        if c.arch == "auto":
+            c.arch = "digits_cnn" if digits else "resnet18"
+        if c.cifar_stem is None:
+            c.cifar_stem = c.dataset in ("cifar10", "cifar100")
+        if c.proj_hidden_dim is None:
+            c.proj_hidden_dim = 256 if digits else 2048
+        if c.proj_output_dim is None:
+            c.proj_output_dim = 64 if digits else 256
+        if c.temperature is None:
+            c.temperature = 0.2
+        if c.queue_size is None:
+            c.queue_size = 512 if digits else 32768
+        if c.epochs is None:
+            c.epochs = 60 if digits else 1000
+        if c.batch_size is None:
+            c.batch_size = 256
+        if c.optimizer == "auto":
+            c.optimizer = "sgd" if moco else "lars"
+        if c.lr is None:
+            c.lr = {"lars": 0.4 if not digits else 1.0, "sgd": 0.3 if not digits else 0.3,
+                    "adamw": 2e-3}[c.optimizer]
+        if c.weight_decay is None:
+            c.weight_decay = 1e-4 if not digits else 1e-5
+            if c.optimizer == "adamw":
+                c.weight_decay = 1e-4
+        if c.warmup_epochs is None:
+            c.warmup_epochs = 5 if digits else 10
+        if c.jitter_strength is None:
+            c.jitter_strength = 0.5 if moco else 1.0
+        if c.crop_size is None:
+            c.crop_size = {"digits": 8, "cifar10": 32, "cifar100": 32, "stl10": 96,
+                           "imagefolder": 224}[c.dataset]
+        if c.blur_prob is None:
+            c.blur_prob = 0.5 if c.crop_size >= 64 else 0.0
+        if c.epochs < 1 or c.batch_size < 2:
+            raise ValueError("epochs must be >= 1 and batch_size >= 2")
+        if c.temperature <= 0:
+            raise ValueError("temperature must be > 0")
+        return c
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def structural(self) -> dict:
+        d = self.to_dict()
+        return {k: d[k] for k in STRUCTURAL_FIELDS}
