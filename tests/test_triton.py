@@ -208,7 +208,6 @@ def test_float64_refused_with_clear_error():
 @needs_interpreter
 def test_fp32_precision_switch():
     assert ts.get_fp32_precision() in ("tf32", "tf32x3", "ieee")
-    old = ts.get_fp32_precision()
     try:
         ts.set_fp32_precision("ieee")
         assert ts.get_fp32_precision() == "ieee"
@@ -221,7 +220,19 @@ def test_fp32_precision_switch():
         with pytest.raises(ValueError, match="precision"):
             ts.set_fp32_precision("fp16")
     finally:
-        ts.set_fp32_precision(old)
+        ts.set_fp32_precision(None)
+
+
+def test_fp32_precision_follows_torch_by_default():
+    ts.set_fp32_precision(None)
+    old = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        assert ts.get_fp32_precision() == "ieee"
+        torch.set_float32_matmul_precision("high")
+        assert ts.get_fp32_precision() == "tf32"
+    finally:
+        torch.set_float32_matmul_precision(old)
 
 
 @needs_interpreter
@@ -278,14 +289,13 @@ def test_cuda_matches_float64_reference(mode, dtype):
 
 @needs_cuda
 def test_cuda_fp32_ieee_is_tight():
-    old = ts.get_fp32_precision()
     try:
         ts.set_fp32_precision("ieee")
         for M, D, tau in CUDA_SHAPES[:2]:
             z, call = make_call("supcon", M, D, "cuda")
             check_against_reference(call, z, tau, torch.float32, "cuda", "none", tol=1e-4, what=f"M={M}")
     finally:
-        ts.set_fp32_precision(old)
+        ts.set_fp32_precision(None)
 
 
 @needs_cuda

@@ -23,8 +23,11 @@ of s once, builds H_kj = G_kj + G_jk = a_k e^{s−lse_k} + a_j e^{s−lse_j} + (
 accumulates grad_R += H · u_C in registers, times 1/τ, stored once — no atomics,
 deterministic. Several splits write fp32 partials summed in a fixed order.
 
-Precision: fp32 inputs use tf32 tensor cores by default; `set_fp32_precision("ieee")` (or
-the environment variable FASTNTXENT_TRITON_FP32_PRECISION=ieee) asks for exact fp32 products.
+Precision of fp32 inputs: by default the products follow torch's own matmul setting
+(`torch.set_float32_matmul_precision`: "highest", PyTorch's default, gives exact fp32 ("ieee");
+"high"/"medium" give tf32 tensor cores, as `torch.matmul` would). `set_fp32_precision("tf32" |
+"tf32x3" | "ieee")` or FASTNTXENT_TRITON_FP32_PRECISION fixes it; `set_fp32_precision(None)`
+returns to following torch.
 float64 inputs are refused with a ValueError: an fp32 kernel cannot meet fp64 accuracy; use
 backend="cpu" or "reference".
 """
@@ -43,26 +46,33 @@ from .._ops import register_self_ops
 __all__ = ["self_forward", "self_backward", "set_fp32_precision", "get_fp32_precision"]
 
 _PRECISIONS = ("tf32", "tf32x3", "ieee")
-_fp32_precision = os.environ.get("FASTNTXENT_TRITON_FP32_PRECISION", "tf32").lower()
+_fp32_precision: Optional[str] = os.environ.get("FASTNTXENT_TRITON_FP32_PRECISION", "").lower() or None
 if _fp32_precision not in _PRECISIONS:
-    _fp32_precision = "tf32"
+    _fp32_precision = None  # follow torch.get_float32_matmul_precision()
 
 # Number of column splits: None picks from M and the SM count (1 under the interpreter);
 # an int forces it (tests use this to exercise the split/merge path).
 SPLITS: Optional[int] = None
 
 
-def set_fp32_precision(precision: str) -> None:
-    """How fp32 inputs use the tensor cores: "tf32" (default), "tf32x3" or "ieee" (exact fp32)."""
+def set_fp32_precision(precision: Optional[str]) -> None:
+    """How fp32 inputs use the tensor cores: "tf32", "tf32x3", "ieee" (exact fp32), or None to
+    follow torch.get_float32_matmul_precision() (the default)."""
     global _fp32_precision
+    if precision is None:
+        _fp32_precision = None
+        return
     p = precision.lower()
     if p not in _PRECISIONS:
-        raise ValueError(f"precision must be one of {_PRECISIONS}, got {precision!r}")
+        raise ValueError(f"precision must be one of {_PRECISIONS} or None, got {precision!r}")
     _fp32_precision = p
 
 
 def get_fp32_precision() -> str:
-    return _fp32_precision
+    """The precision fp32 products use now."""
+    if _fp32_precision is not None:
+        return _fp32_precision
+    return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
 
 
 def _interpreting() -> bool:
@@ -413,7 +423,7 @@ def _m_key(M: int) -> int:
 
 
 def _precision(dtype: torch.dtype) -> str:
-    return _fp32_precision if dtype == torch.float32 else "tf32"
+    return get_fp32_precision() if dtype == torch.float32 else "tf32"
 
 
 @torch.library.custom_op("fastntxent::self_forward_triton", mutates_args=())
