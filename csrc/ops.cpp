@@ -28,4 +28,23 @@ TORCH_LIBRARY(fastntxent, m) {
   m.def(
       "self_backward(Tensor u, Tensor temperature, Tensor? labels, int period, Tensor lse, "
       "Tensor grad_lse, Tensor grad_pos) -> Tensor");
+
+  // Cross-similarity family (SPEC §2; csrc/cpu/cross_similarity.cpp). Rows q: (M, D),
+  // keys k: (N, D), queue: (K, D) extra negatives or None, scale: 0-dim multiplier of the
+  // logits (1/τ, or CLIP's logit_scale). The positive of row i is key i + pos_offset
+  // (0 <= pos_offset, pos_offset + M <= N). Columns of row i: every key and the queue when
+  // in_batch, else the positive key and the queue (MoCo v2). CLIP's column logsumexps are
+  // the same op with q and k swapped. Returns (M,) tensors in the accumulation dtype:
+  //   lse     log Σ_c exp(s_ic)
+  //   pos     s_i,pos = scale · q_i·k_{i+pos_offset}
+  //   ps_sum  Σ_c P_ic s_ic             (∂lse_i/∂scale = ps_sum_i / scale)
+  //   top1    1 if the largest logit is the positive (first index on ties), else 0
+  m.def(
+      "cross_forward(Tensor q, Tensor k, Tensor? queue, Tensor scale, int pos_offset, bool in_batch) -> "
+      "(Tensor lse, Tensor pos, Tensor ps_sum, Tensor top1)");
+  // (∂L/∂q, ∂L/∂k) for L = Σ_i grad_lse_i·lse_i + grad_pos_i·pos_i, in q's / k's dtype; the
+  // queue gets no gradient; grad_k is zeros (not computed) when need_grad_k is false.
+  m.def(
+      "cross_backward(Tensor q, Tensor k, Tensor? queue, Tensor scale, int pos_offset, bool in_batch, "
+      "Tensor lse, Tensor grad_lse, Tensor grad_pos, bool need_grad_k) -> (Tensor grad_q, Tensor grad_k)");
 }

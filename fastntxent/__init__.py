@@ -5,7 +5,8 @@
 """
 from . import _extension, reference
 from .functional import multiview_nt_xent, nt_xent, supcon
-from .losses import NTXentLoss, SupConLoss
+from .cross import clip_loss, info_nce
+from .losses import ClipLoss, InfoNCELoss, MemoryQueue, NTXentLoss, SupConLoss
 
 __version__ = "0.1.0"
 
@@ -15,6 +16,11 @@ __all__ = [
     "supcon",
     "NTXentLoss",
     "SupConLoss",
+    "info_nce",
+    "clip_loss",
+    "InfoNCELoss",
+    "ClipLoss",
+    "MemoryQueue",
     "reference",
     "__version__",
 ]

@@ -25,7 +25,19 @@ def has_cuda_kernels() -> bool:
     )
 
 
+def has_cross_kernels() -> bool:
+    """The fused CPU kernels of the cross family (info_nce, clip_loss) are in the build."""
+    return LOAD_ERROR is None and torch._C._dispatch_has_kernel_for_dispatch_key(
+        "fastntxent::cross_forward", "CPU"
+    )
+
+
 if LOAD_ERROR is None:
     from ._ops import register_self_ops
 
     register_self_ops("fastntxent::self_forward", "fastntxent::self_backward")
+
+    if has_cross_kernels():  # an extension built before the cross family lacks these ops
+        from ._cross_ops import register_cross_ops
+
+        register_cross_ops("fastntxent::cross_forward", "fastntxent::cross_backward")

@@ -85,10 +85,12 @@ def nt_xent(
     reduction: str = "mean",
     backend: str = "auto",
     return_stats: bool = False,
+    gather: bool = False,
 ):
     """SimCLR's NT-Xent. z1, z2: (N, D) two views; row i of z1 and row i of z2 are positives.
 
     The loss averages over the 2N anchors of cat(z1, z2); `reduction="none"` returns (2N,).
+    `gather=True`: loss of all ranks' rows (torch.distributed), see fastntxent.distributed.
     """
     check_embeddings("z1", z1)
     check_embeddings("z2", z2)
@@ -97,6 +99,11 @@ def nt_xent(
     check_same_device(z1=z1, z2=z2)
     if z1.dtype != z2.dtype:
         raise TypeError(f"z1 and z2 must have the same dtype, got {z1.dtype} and {z2.dtype}")
+    if gather:
+        from .distributed import gathered_nt_xent
+
+        return gathered_nt_xent(z1, z2, temperature, normalize=normalize, reduction=reduction,
+                                backend=backend, return_stats=return_stats)
     z = torch.cat([z1, z2], dim=0)
     return self_similarity_loss(
         z, None, z1.shape[0], temperature, normalize=normalize, reduction=reduction,
@@ -144,13 +151,20 @@ def supcon(
     reduction: str = "mean",
     backend: str = "auto",
     return_stats: bool = False,
+    gather: bool = False,
 ):
     """Supervised contrastive loss (Khosla et al., L_out). z: (M, D), labels: (M,) integer.
 
     Anchors without a positive contribute 0 and are left out of the mean.
+    `gather=True`: loss of all ranks' rows (torch.distributed), see fastntxent.distributed.
     """
     check_embeddings("z", z)
     labels = check_labels(labels, z.shape[0], z.device)
+    if gather:
+        from .distributed import gathered_supcon
+
+        return gathered_supcon(z, labels, temperature, normalize=normalize, reduction=reduction,
+                               backend=backend, return_stats=return_stats)
     return self_similarity_loss(
         z, labels, 1, temperature, normalize=normalize, reduction=reduction,
         backend=backend, return_stats=return_stats,

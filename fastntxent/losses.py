@@ -73,3 +73,125 @@ class SupConLoss(_TemperatureModule):
 
     def forward(self, z: torch.Tensor, labels: torch.Tensor, return_stats: bool = False):
         return F.supcon(z, labels, self.temperature, **self._options(return_stats))
+
+
+class InfoNCELoss(_TemperatureModule):
+    """InfoNCE / MoCo loss of queries against keys (and an optional queue of negatives).
+
+    Args: temperature (τ > 0), learnable_temperature (log-parameterised), normalize,
+    reduction, backend, gather (torch.distributed: all ranks' keys, global loss).
+    Shape: q, k: (M, D), queue: (K, D) or None → scalar (or (M,) with reduction="none").
+    Example (MoCo v2):
+        >>> loss_fn, queue = InfoNCELoss(temperature=0.2), MemoryQueue(dim=128, size=65536)
+        >>> loss = loss_fn(q, k.detach(), queue.keys)
+        >>> queue.enqueue(k)
+    """
+
+    def __init__(self, temperature: float = 0.2, *, learnable_temperature: bool = False,
+                 normalize: bool = True, reduction: str = "mean", backend: str = "auto",
+                 gather: bool = False):
+        super().__init__(temperature, learnable_temperature, normalize, reduction, backend)
+        self.gather = gather
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor | None = None,
+                return_stats: bool = False):
+        from .cross import info_nce
+
+        return info_nce(q, k, queue, self.temperature, gather=self.gather, **self._options(return_stats))
+
+
+class ClipLoss(nn.Module):
+    """Symmetric CLIP loss with a (by default learnable) logit scale.
+
+    Args: logit_scale (initial value, > 0; CLIP uses 1/0.07), learnable (log-parameterised
+    parameter `log_logit_scale`), max_logit_scale (clamp of the scale, CLIP uses 100; None:
+    no clamp), normalize, backend, gather (torch.distributed: all ranks' rows, global loss).
+    Shape: a, b: (M, D) → scalar.
+    Example:
+        >>> loss = ClipLoss()(image_features, text_features)
+    """
+
+    def __init__(self, logit_scale: float = 1 / 0.07, *, learnable: bool = True,
+                 max_logit_scale: float | None = 100.0, normalize: bool = True,
+                 backend: str = "auto", gather: bool = False):
+        super().__init__()
+        if not (isinstance(logit_scale, (int, float)) and math.isfinite(logit_scale) and logit_scale > 0):
+            raise ValueError(f"logit_scale must be a finite float > 0, got {logit_scale!r}")
+        if max_logit_scale is not None and not max_logit_scale > 0:
+            raise ValueError(f"max_logit_scale must be > 0 or None, got {max_logit_scale!r}")
+        self.learnable = learnable
+        self.max_logit_scale = max_logit_scale
+        self.normalize = normalize
+        self.backend = check_backend(backend)
+        self.gather = gather
+        if learnable:
+            self.log_logit_scale = nn.Parameter(torch.tensor(math.log(logit_scale)))
+        else:
+            self._logit_scale = float(logit_scale)
+
+    @property
+    def logit_scale(self):
+        """A float, or a 0-dim tensor with gradient when learnable (clamped to max_logit_scale)."""
+        if not self.learnable:
+            s = self._logit_scale
+            return min(s, self.max_logit_scale) if self.max_logit_scale is not None else s
+        s = self.log_logit_scale.exp()
+        return s.clamp(max=self.max_logit_scale) if self.max_logit_scale is not None else s
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor, return_stats: bool = False):
+        from .cross import clip_loss
+
+        return clip_loss(a, b, self.logit_scale, normalize=self.normalize, backend=self.backend,
+                         gather=self.gather, return_stats=return_stats)
+
+    def extra_repr(self) -> str:
+        s = float(torch.as_tensor(self.logit_scale).detach())
+        return (f"logit_scale={s:.4g}, learnable={self.learnable}, max_logit_scale={self.max_logit_scale}, "
+                f"normalize={self.normalize}, backend={self.backend!r}, gather={self.gather}")
+
+
+class MemoryQueue(nn.Module):
+    """Ring buffer of keys for MoCo-style negatives (the state lives in buffers, so
+    `state_dict` / checkpoints keep it and `.to(device)` moves it).
+
+    Initialised, like MoCo, with random normalised keys, so it is always full.
+    `.keys`: (size, dim) detached view of the stored keys, to pass as `queue=`.
+    `.enqueue(keys)`: after the loss, writes the (detached) keys over the oldest entries;
+    when torch.distributed is initialised (and gather is not False) the keys of all ranks are
+    gathered first, so every rank's queue stays identical.
+    """
+
+    def __init__(self, dim: int, size: int, *, dtype: torch.dtype = torch.float32, gather: bool | None = None):
+        super().__init__()
+        for name, v in (("dim", dim), ("size", size)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+        self.dim, self.size, self.gather = dim, size, gather
+        self.register_buffer("queue", nn.functional.normalize(torch.randn(size, dim), dim=1).to(dtype))
+        self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
+
+    @property
+    def keys(self) -> torch.Tensor:
+        return self.queue.detach()
+
+    @torch.no_grad()
+    def enqueue(self, keys: torch.Tensor) -> None:
+        if not isinstance(keys, torch.Tensor):
+            raise TypeError(f"keys must be a torch.Tensor, got {type(keys).__name__}")
+        if keys.dim() != 2 or keys.shape[1] != self.dim:
+            raise ValueError(f"keys must have shape (B, {self.dim}), got {tuple(keys.shape)}")
+        keys = keys.detach()
+        from . import distributed as dist
+
+        if self.gather is not False and dist.is_initialized():
+            keys = dist.gather_no_grad(keys, "keys")
+        elif self.gather and not dist.is_initialized():
+            dist.require_process_group("MemoryQueue(gather=True)")
+        keys = keys[-self.size:]  # more keys than slots: keep the newest
+        n = keys.shape[0]
+        idx = (int(self.ptr) + torch.arange(n, device=self.queue.device)) % self.size
+        self.queue[idx] = keys.to(device=self.queue.device, dtype=self.queue.dtype)
+        self.ptr.fill_((int(self.ptr) + n) % self.size)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, size={self.size}"

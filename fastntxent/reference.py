@@ -73,3 +73,61 @@ def self_similarity_loss(
     lse, pos_sum, pos_count, _, _ = self_similarity_rows(u, temperature, labels)
     loss, has_pos = row_loss(lse, pos_sum, pos_count)
     return reduce_rows(loss, has_pos, reduction)
+
+
+# ---------------------------------------------------------------------------------------
+# Cross-similarity family (SPEC §2): MoCo InfoNCE and CLIP, materialising the logits.
+
+
+def cross_similarity_rows(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor | None,
+                          scale: torch.Tensor, pos_offset: int = 0, in_batch: bool = True):
+    """Per-row statistics of the cross operator (csrc/ops.cpp `cross_forward`) from the
+    materialised logits. q: (M, D) rows, k: (N, D) keys (positive of row i: k[i + pos_offset]),
+    queue: (K, D) or None, scale: 0-dim multiplier. Columns: all keys when `in_batch`, else
+    the positive key only; then the queue. Returns (lse, pos, ps_sum, top1), each (M,)."""
+    M = q.shape[0]
+    idx = torch.arange(M, device=q.device) + pos_offset
+    pos = (q * k[idx]).sum(1) * scale
+    if in_batch:
+        parts, target = [(q @ k.T) * scale], idx
+    else:
+        parts, target = [pos[:, None]], torch.zeros_like(idx)
+    if queue is not None:
+        parts.append((q @ queue.T.to(q.dtype)) * scale)
+    logits = torch.cat(parts, dim=1)
+    lse = torch.logsumexp(logits, dim=1)
+    ps_sum = (torch.softmax(logits, dim=1) * logits).sum(1)
+    top1 = (logits.argmax(1) == target).to(q.dtype)
+    return lse, pos, ps_sum, top1
+
+
+def info_nce_loss(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor | None = None,
+                  temperature=0.2, normalize: bool = True, reduction: str = "mean") -> torch.Tensor:
+    """Literal SPEC §2 InfoNCE with cross-entropy, computed in q's dtype.
+
+    With a queue (MoCo v2): logits_i = [q_i·k_i, q_i·queue_1..K] / τ, target 0; the queue is
+    detached. Without (MoCo v3 / in-batch): logits = q kᵀ / τ, target i."""
+    if normalize:
+        q, k = normalize_rows(q), normalize_rows(k)
+    temperature = torch.as_tensor(temperature, dtype=q.dtype, device=q.device)
+    if queue is not None:
+        queue = queue.detach().to(q.dtype)
+        if normalize:
+            queue = normalize_rows(queue)
+        logits = torch.cat([(q * k).sum(1, keepdim=True), q @ queue.T], dim=1) / temperature
+        target = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
+    else:
+        logits = (q @ k.T) / temperature
+        target = torch.arange(q.shape[0], device=q.device)
+    return torch.nn.functional.cross_entropy(logits, target, reduction=reduction)
+
+
+def clip_loss(a: torch.Tensor, b: torch.Tensor, logit_scale, normalize: bool = True) -> torch.Tensor:
+    """Literal SPEC §2 CLIP loss: ½ (CE(a bᵀ·s, arange) + CE(b aᵀ·s, arange)), in a's dtype."""
+    if normalize:
+        a, b = normalize_rows(a), normalize_rows(b)
+    scale = torch.as_tensor(logit_scale, dtype=a.dtype, device=a.device)
+    logits = (a @ b.T) * scale
+    target = torch.arange(a.shape[0], device=a.device)
+    ce = torch.nn.functional.cross_entropy
+    return 0.5 * (ce(logits, target) + ce(logits.T, target))

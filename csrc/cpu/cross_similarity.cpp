@@ -1,0 +1,321 @@
+// Fused CPU kernels of the cross-similarity family (SPEC §2): MoCo InfoNCE, CLIP.
+//
+// One general operator pair (schemas in csrc/ops.cpp). Rows are queries q (M, D); the
+// columns of row i are
+//   in_batch = true:  every key k_j (N rows) and then every queue entry;
+//   in_batch = false: only the positive key k_{i+pos_offset} and then every queue entry;
+// with logits s_ic = scale · (q_i · c). The positive of row i is k_{i+pos_offset}
+// (pos_offset ≠ 0 when k holds the keys of all ranks and q the local rows).
+//
+// Forward: each row block streams over column tiles of k and of the queue; the tile is one
+// BLAS product (at::mm_out), then one fused pass per row updates an online max-subtracted
+// logsumexp, Σ P·s (rescaled with it) and the top-1 statistic. CLIP's column logsumexps
+// are the same operator on the transposed problem (q ↔ k).
+// Backward, for L = Σ_i a_i·lse_i + b_i·pos_i (a = grad_lse, b = grad_pos), G_ic = a_i P_ic
+// + b_i [c = positive of i]:
+//   ∂L/∂q_i = scale · Σ_c G_ic c          sweep 1: row blocks of q over tiles of k and queue
+//   ∂L/∂k_j = scale · Σ_i G_ij q_i        sweep 2: row blocks of k over tiles of q
+// Each sweep recomputes its tiles and owns the output rows it writes: no atomics, no M×N or
+// M×K buffer; memory is one tile and one accumulator block per thread plus O(M) statistics.
+// The queue gets no gradient.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+namespace fastntxent {
+namespace {
+
+constexpr int64_t kRowBlock = 64;
+constexpr int64_t kColBlock = 256;
+
+struct CrossInputs {
+  at::Tensor q;      // (M, D) contiguous, accumulation dtype
+  at::Tensor k;      // (N, D)
+  at::Tensor queue;  // (K, D) or undefined
+  double scale;
+  int64_t offset;
+  bool in_batch;
+};
+
+bool is_float_type(at::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kBFloat16 || t == at::kHalf;
+}
+
+CrossInputs prepare_cross(const at::Tensor& q, const at::Tensor& k, const c10::optional<at::Tensor>& queue,
+                          const at::Tensor& scale, int64_t pos_offset, bool in_batch) {
+  TORCH_CHECK(q.dim() == 2, "fastntxent: q must be 2-D (M, D), got ", q.dim(), "-D");
+  TORCH_CHECK(k.dim() == 2, "fastntxent: k must be 2-D (N, D), got ", k.dim(), "-D");
+  TORCH_CHECK(q.size(1) == k.size(1), "fastntxent: q and k must have the same D, got ", q.size(1), " and ",
+              k.size(1));
+  TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu(), "fastntxent CPU kernel: q and k must be CPU tensors");
+  TORCH_CHECK(is_float_type(q.scalar_type()) && q.scalar_type() == k.scalar_type(),
+              "fastntxent: q and k must share one of float32, float64, bfloat16, float16; got ",
+              q.scalar_type(), " and ", k.scalar_type());
+  TORCH_CHECK(scale.numel() == 1, "fastntxent: scale must hold one value");
+  TORCH_CHECK(pos_offset >= 0 && pos_offset + q.size(0) <= k.size(0), "fastntxent: pos_offset + M must be <= N, got ",
+              pos_offset, " + ", q.size(0), " > ", k.size(0));
+  const double s = scale.to(at::kCPU).item<double>();
+  TORCH_CHECK(std::isfinite(s), "fastntxent: scale must be finite, got ", s);
+  const auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  CrossInputs in{q.detach().to(acc).contiguous(), k.detach().to(acc).contiguous(), at::Tensor(), s, pos_offset,
+                 in_batch};
+  if (queue.has_value() && queue->defined()) {
+    TORCH_CHECK(queue->dim() == 2 && queue->size(1) == q.size(1), "fastntxent: queue must have shape (K, ",
+                q.size(1), ")");
+    TORCH_CHECK(queue->device().is_cpu(), "fastntxent CPU kernel: queue must be a CPU tensor");
+    TORCH_CHECK(is_float_type(queue->scalar_type()), "fastntxent: queue must be floating point");
+    if (queue->size(0) > 0) in.queue = queue->detach().to(acc).contiguous();
+  }
+  return in;
+}
+
+template <typename acc_t>
+struct RowState {
+  acc_t m, l, ps, best;
+  bool best_is_pos;
+};
+
+// Online update of one row with the scaled logits s[0, nc); pos_col is the positive's column
+// in this tile or -1. Ties keep the earlier column (argmax's first index).
+template <typename acc_t>
+inline void update_row(RowState<acc_t>& st, const acc_t* s, int64_t nc, int64_t pos_col) {
+  acc_t tmax = -std::numeric_limits<acc_t>::infinity();
+  int64_t targ = -1;
+  for (int64_t c = 0; c < nc; ++c) {
+    if (s[c] > tmax) { tmax = s[c]; targ = c; }
+  }
+  if (targ < 0) return;
+  if (tmax > st.best) {
+    st.best = tmax;
+    st.best_is_pos = targ == pos_col;
+  }
+  const acc_t new_m = std::max(st.m, tmax);
+  const acc_t rescale = std::exp(st.m - new_m);  // exp(-inf) = 0 on the first tile
+  acc_t tl = 0, tps = 0;
+  for (int64_t c = 0; c < nc; ++c) {
+    const acc_t e = std::exp(s[c] - new_m);
+    tl += e;
+    tps += e * s[c];
+  }
+  st.l = st.l * rescale + tl;
+  st.ps = st.ps * rescale + tps;
+  st.m = new_m;
+}
+
+template <typename acc_t>
+inline acc_t dot(const acc_t* x, const acc_t* y, int64_t D) {
+  acc_t v = 0;
+  for (int64_t d = 0; d < D; ++d) v += x[d] * y[d];
+  return v;
+}
+
+template <typename acc_t>
+void cross_forward_impl(const CrossInputs& in, acc_t* lse, acc_t* pos, acc_t* ps_sum, acc_t* top1) {
+  const int64_t M = in.q.size(0), D = in.q.size(1);
+  const acc_t sc = static_cast<acc_t>(in.scale);
+  const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
+  const acc_t* qp = in.q.data_ptr<acc_t>();
+  const acc_t* kp = in.k.data_ptr<acc_t>();
+  const int64_t num_row_blocks = (M + kRowBlock - 1) / kRowBlock;
+
+  at::parallel_for(0, num_row_blocks, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<acc_t> buf(kRowBlock * kColBlock);
+    for (int64_t rb = b0; rb < b1; ++rb) {
+      const int64_t r0 = rb * kRowBlock;
+      const int64_t nr = std::min(kRowBlock, M - r0);
+      const at::Tensor rows = in.q.narrow(0, r0, nr);
+      std::vector<RowState<acc_t>> st(nr, RowState<acc_t>{neg_inf, 0, 0, neg_inf, false});
+      for (int64_t r = 0; r < nr; ++r) {
+        const int64_t i = r0 + r;
+        pos[i] = sc * dot(qp + i * D, kp + (i + in.offset) * D, D);
+        // Without in-batch keys the positive is column 0, ahead of the queue.
+        if (!in.in_batch) st[r] = RowState<acc_t>{pos[i], 1, pos[i], pos[i], true};
+      }
+      const auto sweep = [&](const at::Tensor& cols, bool has_pos) {
+        const int64_t n = cols.size(0);
+        for (int64_t c0 = 0; c0 < n; c0 += kColBlock) {
+          const int64_t nc = std::min(kColBlock, n - c0);
+          at::Tensor tile = at::from_blob(buf.data(), {nr, nc}, in.q.options());
+          at::mm_out(tile, rows, cols.narrow(0, c0, nc).t());
+          for (int64_t r = 0; r < nr; ++r) {
+            acc_t* s = buf.data() + r * nc;
+            for (int64_t c = 0; c < nc; ++c) s[c] *= sc;
+            const int64_t pc = has_pos ? r0 + r + in.offset - c0 : -1;
+            update_row(st[r], s, nc, (pc >= 0 && pc < nc) ? pc : -1);
+          }
+        }
+      };
+      if (in.in_batch) sweep(in.k, true);
+      if (in.queue.defined()) sweep(in.queue, false);
+      for (int64_t r = 0; r < nr; ++r) {
+        const int64_t i = r0 + r;
+        lse[i] = st[r].m + std::log(st[r].l);
+        ps_sum[i] = st[r].ps / st[r].l;
+        top1[i] = st[r].best_is_pos ? 1 : 0;
+      }
+    }
+  });
+}
+
+template <typename acc_t>
+void cross_backward_impl(const CrossInputs& in, const acc_t* lse, const acc_t* a, const acc_t* b,
+                         at::Tensor& grad_q, at::Tensor* grad_k) {
+  const int64_t M = in.q.size(0), D = in.q.size(1), N = in.k.size(0);
+  const acc_t sc = static_cast<acc_t>(in.scale);
+  const acc_t* qp = in.q.data_ptr<acc_t>();
+  const acc_t* kp = in.k.data_ptr<acc_t>();
+  const int64_t off = in.offset;
+
+  // Without in-batch keys the positive column is handled row by row: coefficient
+  // G_i,pos = a_i P_i,pos + b_i, on k_{i+off} for q_i and on q_i for k_{i+off}.
+  std::vector<acc_t> pos_coef;
+  if (!in.in_batch) {
+    pos_coef.resize(M);
+    at::parallel_for(0, M, 256, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        const acc_t s = sc * dot(qp + i * D, kp + (i + off) * D, D);
+        pos_coef[i] = (a[i] != 0 ? a[i] * std::exp(s - lse[i]) : acc_t(0)) + b[i];
+      }
+    });
+  }
+
+  // Sweep 1: ∂L/∂q, row blocks of q over tiles of k (in-batch) and of the queue.
+  const int64_t num_row_blocks = (M + kRowBlock - 1) / kRowBlock;
+  at::parallel_for(0, num_row_blocks, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<acc_t> buf(kRowBlock * kColBlock);
+    for (int64_t rb = b0; rb < b1; ++rb) {
+      const int64_t r0 = rb * kRowBlock;
+      const int64_t nr = std::min(kRowBlock, M - r0);
+      const at::Tensor rows = in.q.narrow(0, r0, nr);
+      at::Tensor acc = grad_q.narrow(0, r0, nr);
+      acc.zero_();
+      const auto sweep = [&](const at::Tensor& cols, bool has_pos) {
+        const int64_t n = cols.size(0);
+        for (int64_t c0 = 0; c0 < n; c0 += kColBlock) {
+          const int64_t nc = std::min(kColBlock, n - c0);
+          at::Tensor tile = at::from_blob(buf.data(), {nr, nc}, in.q.options());
+          const at::Tensor block = cols.narrow(0, c0, nc);
+          at::mm_out(tile, rows, block.t());
+          for (int64_t r = 0; r < nr; ++r) {
+            const int64_t i = r0 + r;
+            acc_t* h = buf.data() + r * nc;
+            const acc_t ai = a[i], li = lse[i];
+            if (ai != 0) {
+              for (int64_t c = 0; c < nc; ++c) h[c] = ai * std::exp(sc * h[c] - li);
+            } else {
+              for (int64_t c = 0; c < nc; ++c) h[c] = 0;
+            }
+            const int64_t pc = has_pos ? i + off - c0 : -1;
+            if (pc >= 0 && pc < nc) h[pc] += b[i];
+          }
+          acc.addmm_(tile, block);
+        }
+      };
+      if (in.in_batch) sweep(in.k, true);
+      if (in.queue.defined()) sweep(in.queue, false);
+      if (!in.in_batch) {
+        acc_t* g = acc.data_ptr<acc_t>();
+        for (int64_t r = 0; r < nr; ++r) {
+          const acc_t cf = pos_coef[r0 + r];
+          const acc_t* kr = kp + (r0 + r + off) * D;
+          for (int64_t d = 0; d < D; ++d) g[r * D + d] += cf * kr[d];
+        }
+      }
+      acc.mul_(sc);
+    }
+  });
+
+  if (grad_k == nullptr) return;
+  // Sweep 2: ∂L/∂k, row blocks of k over tiles of q (the transposed tiles of sweep 1).
+  if (!in.in_batch) {
+    grad_k->zero_();
+    acc_t* g = grad_k->data_ptr<acc_t>();
+    at::parallel_for(0, M, 256, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        const acc_t cf = sc * pos_coef[i];
+        for (int64_t d = 0; d < D; ++d) g[(i + off) * D + d] = cf * qp[i * D + d];
+      }
+    });
+    return;
+  }
+  const int64_t num_key_blocks = (N + kRowBlock - 1) / kRowBlock;
+  at::parallel_for(0, num_key_blocks, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<acc_t> buf(kRowBlock * kColBlock);
+    for (int64_t kb = b0; kb < b1; ++kb) {
+      const int64_t j0 = kb * kRowBlock;
+      const int64_t nj = std::min(kRowBlock, N - j0);
+      const at::Tensor keys = in.k.narrow(0, j0, nj);
+      at::Tensor acc = grad_k->narrow(0, j0, nj);
+      acc.zero_();
+      for (int64_t i0 = 0; i0 < M; i0 += kColBlock) {
+        const int64_t ni = std::min(kColBlock, M - i0);
+        at::Tensor tile = at::from_blob(buf.data(), {nj, ni}, in.q.options());
+        const at::Tensor block = in.q.narrow(0, i0, ni);
+        at::mm_out(tile, keys, block.t());
+        for (int64_t jj = 0; jj < nj; ++jj) {
+          acc_t* h = buf.data() + jj * ni;
+          for (int64_t c = 0; c < ni; ++c) {
+            const int64_t i = i0 + c;
+            h[c] = a[i] != 0 ? a[i] * std::exp(sc * h[c] - lse[i]) : acc_t(0);
+          }
+          const int64_t pc = j0 + jj - off - i0;  // the query whose positive is key j0 + jj
+          if (pc >= 0 && pc < ni) h[pc] += b[i0 + pc];
+        }
+        acc.addmm_(tile, block);
+      }
+      acc.mul_(sc);
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_forward_cpu(
+    const at::Tensor& q, const at::Tensor& k, const c10::optional<at::Tensor>& queue, const at::Tensor& scale,
+    int64_t pos_offset, bool in_batch) {
+  at::NoGradGuard no_grad;
+  const CrossInputs in = prepare_cross(q, k, queue, scale, pos_offset, in_batch);
+  const int64_t M = q.size(0);
+  const auto poisoned = [&] { return at::full({M}, std::numeric_limits<double>::quiet_NaN(), in.q.options()); };
+  at::Tensor lse = poisoned(), pos = poisoned(), ps_sum = poisoned(), top1 = poisoned();
+  AT_DISPATCH_FLOATING_TYPES(in.q.scalar_type(), "cross_forward_cpu", [&] {
+    cross_forward_impl<scalar_t>(in, lse.data_ptr<scalar_t>(), pos.data_ptr<scalar_t>(),
+                                 ps_sum.data_ptr<scalar_t>(), top1.data_ptr<scalar_t>());
+  });
+  return {lse, pos, ps_sum, top1};
+}
+
+std::tuple<at::Tensor, at::Tensor> cross_backward_cpu(
+    const at::Tensor& q, const at::Tensor& k, const c10::optional<at::Tensor>& queue, const at::Tensor& scale,
+    int64_t pos_offset, bool in_batch, const at::Tensor& lse, const at::Tensor& grad_lse,
+    const at::Tensor& grad_pos, bool need_grad_k) {
+  at::NoGradGuard no_grad;
+  const CrossInputs in = prepare_cross(q, k, queue, scale, pos_offset, in_batch);
+  const int64_t M = q.size(0);
+  for (const at::Tensor* t : {&lse, &grad_lse, &grad_pos}) {
+    TORCH_CHECK(t->dim() == 1 && t->size(0) == M, "fastntxent: row statistics must have shape (M,)");
+  }
+  const auto acc = in.q.scalar_type();
+  const at::Tensor lse_c = lse.to(acc).contiguous(), a = grad_lse.to(acc).contiguous(),
+                   b = grad_pos.to(acc).contiguous();
+  at::Tensor grad_q = at::full_like(in.q, std::numeric_limits<double>::quiet_NaN());
+  at::Tensor grad_k = need_grad_k ? at::full_like(in.k, std::numeric_limits<double>::quiet_NaN())
+                                  : at::zeros_like(in.k);
+  AT_DISPATCH_FLOATING_TYPES(acc, "cross_backward_cpu", [&] {
+    cross_backward_impl<scalar_t>(in, lse_c.data_ptr<scalar_t>(), a.data_ptr<scalar_t>(), b.data_ptr<scalar_t>(),
+                                  grad_q, need_grad_k ? &grad_k : nullptr);
+  });
+  return {grad_q.to(q.scalar_type()), grad_k.to(k.scalar_type())};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastntxent, CPU, m) {
+  m.impl("cross_forward", &cross_forward_cpu);
+  m.impl("cross_backward", &cross_backward_cpu);
+}
+
+}  // namespace fastntxent
