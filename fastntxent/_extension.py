@@ -25,11 +25,16 @@ def has_cuda_kernels() -> bool:
     )
 
 
+# Looked up once (a constant for torch.compile): an extension built before the cross family
+# lacks its operators.
+_HAS_CROSS = LOAD_ERROR is None and torch._C._dispatch_has_kernel_for_dispatch_key(
+    "fastntxent::cross_forward", "CPU"
+)
+
+
 def has_cross_kernels() -> bool:
     """The fused CPU kernels of the cross family (info_nce, clip_loss) are in the build."""
-    return LOAD_ERROR is None and torch._C._dispatch_has_kernel_for_dispatch_key(
-        "fastntxent::cross_forward", "CPU"
-    )
+    return _HAS_CROSS
 
 
 if LOAD_ERROR is None:
@@ -37,7 +42,7 @@ if LOAD_ERROR is None:
 
     register_self_ops("fastntxent::self_forward", "fastntxent::self_backward")
 
-    if has_cross_kernels():  # an extension built before the cross family lacks these ops
+    if has_cross_kernels():
         from ._cross_ops import register_cross_ops
 
         register_cross_ops("fastntxent::cross_forward", "fastntxent::cross_backward")
