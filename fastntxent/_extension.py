@@ -27,9 +27,14 @@ def has_cuda_kernels() -> bool:
 
 # Looked up once (a constant for torch.compile): an extension built before the cross family
 # lacks its operators.
-_HAS_CROSS = LOAD_ERROR is None and torch._C._dispatch_has_kernel_for_dispatch_key(
-    "fastntxent::cross_forward", "CPU"
-)
+def _has_cpu_kernel(qualname: str) -> bool:
+    try:
+        return LOAD_ERROR is None and torch._C._dispatch_has_kernel_for_dispatch_key(qualname, "CPU")
+    except RuntimeError:  # the operator does not exist
+        return False
+
+
+_HAS_CROSS = _has_cpu_kernel("fastntxent::cross_forward")
 
 
 def has_cross_kernels() -> bool:

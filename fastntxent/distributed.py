@@ -24,6 +24,8 @@ All ranks must hold the same number of rows (checked; ValueError otherwise).
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.distributed as dist
 
@@ -66,7 +68,9 @@ def gather_with_grad(x: torch.Tensor, name: str = "input") -> torch.Tensor:
     from torch.distributed.nn.functional import all_gather
 
     _check_equal_rows(x, name)
-    return torch.cat(all_gather(x.contiguous()), dim=0)
+    with warnings.catch_warnings():  # deprecated in newer torch, still the autograd all-gather of 2.11
+        warnings.simplefilter("ignore", FutureWarning)
+        return torch.cat(all_gather(x.contiguous()), dim=0)
 
 
 @torch.no_grad()
