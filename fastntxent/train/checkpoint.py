@@ -77,8 +77,9 @@ def load_checkpoint(path: str, map_location="cpu") -> dict:
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # truncated zip, random bytes, a pickle needing arbitrary code...
+        why = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), "")[:160]
         raise CheckpointError(
-            f"checkpoint {path!r} is corrupt or unreadable ({type(e).__name__}: {e}). "
+            f"checkpoint {path!r} is corrupt or unreadable ({type(e).__name__}: {why}). "
             f"Refusing to start from scratch: resume from an intact checkpoint, or drop "
             f"--resume to start a new run.") from e
     if not isinstance(state, dict) or state.get("format") != FORMAT:

@@ -41,16 +41,17 @@ class MoCo(nn.Module):
         for p in list(self.momentum_backbone.parameters()) + list(self.momentum_projector.parameters()):
             p.requires_grad_(False)
         self.queue = fx.MemoryQueue(cfg.proj_output_dim, cfg.queue_size)
-        self.loss_fn = fx.InfoNCELoss(temperature=cfg.temperature)
+        self.loss_fn = fx.InfoNCELoss(temperature=cfg.temperature,
+                                      learnable_temperature=cfg.learnable_temperature,
+                                      backend=cfg.loss_backend)
         self.symmetric = cfg.symmetric
         self.m_base, self.m_final = cfg.momentum_base, cfg.momentum_final
 
     def _loss(self, q, k, queue):
-        try:
-            out = self.loss_fn(q, k, queue=queue, return_stats=True)
-        except TypeError:  # a build whose InfoNCELoss has no stats
-            out = self.loss_fn(q, k, queue=queue)
-        return out if isinstance(out, tuple) else (out, {})
+        # negatives = the queue only (MoCo v2); each rank's loss is its local mean and DDP's
+        # gradient average makes it the global one, while the queue itself is kept identical
+        # on every rank by MemoryQueue's gathered enqueue.
+        return self.loss_fn(q, k, queue=queue, return_stats=True)
 
     @torch.no_grad()
     def _keys(self, x):
