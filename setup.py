@@ -8,11 +8,30 @@ The extension always holds the fused C++ CPU kernels. Environment switches:
 """
 import glob
 import os
+import shutil
 
 from setuptools import find_packages, setup
-from torch.utils import cpp_extension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _locate_cuda_home():
+    """Set CUDA_HOME when it is not set: torch guesses it from the directory of `nvcc` on PATH,
+    which is wrong for a link or wrapper script such as /usr/local/bin/nvcc (it would look for
+    the CUDA headers in /usr/local/include)."""
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    nvcc = shutil.which("nvcc")
+    candidates = [os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))] if nvcc else []
+    for home in candidates + ["/usr/local/cuda"]:  # nvcc may also be a wrapper script
+        if os.path.isfile(os.path.join(home, "include", "cuda_runtime.h")):
+            os.environ["CUDA_HOME"] = home
+            return
+
+
+_locate_cuda_home()  # before torch.utils.cpp_extension reads it at import
+
+from torch.utils import cpp_extension  # noqa: E402
 
 
 def _sources(pattern):
