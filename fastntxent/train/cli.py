@@ -78,6 +78,8 @@ def main(argv=None) -> int:
         from . import distributed
 
         distributed.cleanup()
+    if s.get("rank", 0) != 0:  # under torchrun only rank 0 reports
+        return 0
     if "probe_accuracy" in s:
         line = f"linear probe accuracy (test): pretrained {s['probe_accuracy']:.4f}"
         if "baseline_probe_accuracy" in s:

@@ -109,7 +109,7 @@ def run(cfg: TrainConfig, log=print) -> dict:
     bundle = build_data(cfg)
     method = _build_method(cfg, bundle.in_channels)
     random_init = copy.deepcopy(method.backbone.state_dict())  # the baseline encoder
-    if world > 1 and cfg.sync_bn:
+    if world > 1 and cfg.sync_bn and device.type == "cuda":  # (SyncBatchNorm is CUDA-only)
         method = nn.SyncBatchNorm.convert_sync_batchnorm(method)
     method.to(device)
     _seed_all(cfg.seed + 1 + rank)  # augmentation streams differ between ranks
@@ -237,7 +237,7 @@ def run(cfg: TrainConfig, log=print) -> dict:
                "epochs": cfg.epochs, "epochs_done": stop_epoch, "finished": finished,
                "final_loss": history[-1]["loss"] if history else None,
                "knn_accuracy": history[-1]["knn_accuracy"] if history else None,
-               "checkpoint": ckpt_path}
+               "checkpoint": ckpt_path, "rank": rank, "world_size": world}
     if main and finished:
         torch.save(method.backbone.state_dict(), os.path.join(run_dir, "backbone.pt"))
         if cfg.probe:
