@@ -7,6 +7,7 @@ import os
 import pytest
 import torch
 
+import fastntxent as fx
 import fastntxent._extension as ext
 
 # Relative-error bounds per input dtype (SPEC §3 / developers' brief).
@@ -60,3 +61,50 @@ BACKEND_CASES = [
                  marks=pytest.mark.skipif(not (_cuda_ok() and ext.has_cuda_kernels()),
                                           reason="needs a CUDA GPU and the CUDA build")),
 ]
+
+
+def self_family_inputs(mode, M, D, device):
+    """float64 embeddings (M', D) on the CPU and `loss(z, τ, **kw)` for the mode:
+    "supcon" (random labels), "nt_xent" (two views) or "multiview" (three views)."""
+    if mode == "supcon":
+        z = torch.randn(M, D, dtype=torch.float64)
+        labels = torch.randint(0, max(1, M // 4), (M,)).to(device)
+        return z, lambda zz, t, **kw: fx.supcon(zz, labels, t, **kw)
+    if mode == "nt_xent":
+        N = max(1, M // 2)
+        z = torch.randn(2 * N, D, dtype=torch.float64)
+        return z, lambda zz, t, **kw: fx.nt_xent(zz[:N], zz[N:], t, **kw)
+    V = 3
+    N = max(1, M // V)
+    z = torch.randn(V * N, D, dtype=torch.float64)
+    return z, lambda zz, t, **kw: fx.multiview_nt_xent(zz.view(V, N, D), t, **kw)
+
+
+def loss_and_grads(call, z, tau, dtype, device, backend, reduction, upstream):
+    """Loss, ∂z and ∂τ (temperature as a tensor that requires grad) for one backend; the
+    upstream gradient is `upstream` (M',) for reduction="none", else 1.7."""
+    zz = z.to(device=device, dtype=dtype).detach().clone().requires_grad_(True)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    t = torch.tensor(tau, dtype=acc, device=device, requires_grad=True)
+    loss = call(zz, t, backend=backend, reduction=reduction)
+    weight = upstream.to(device=device, dtype=loss.dtype) if reduction == "none" else 1.7
+    (loss * weight).sum().backward()
+    return loss.detach(), zz.grad, t.grad
+
+
+def check_against_reference(call, z, tau, dtype, device, reduction, backend, tol=None, what=""):
+    """Loss, ∂z, ∂τ of `backend` in `dtype` against the float64 reference on the same rounded
+    inputs. Bound: `tol`, or TOLERANCE[dtype] — for bf16/fp16 at least twice the error of the
+    reference itself on the same low-precision input (flash-attention's rule: at τ = 0.01 the
+    rounding of the unit rows alone is amplified 100×)."""
+    z = z.to(dtype).to(torch.float64)
+    upstream = torch.rand(z.shape[0], dtype=torch.float64) + 0.5
+    ref = loss_and_grads(call, z, tau, torch.float64, device, "reference", reduction, upstream)
+    got = loss_and_grads(call, z, tau, dtype, device, backend, reduction, upstream)
+    low = dtype in (torch.bfloat16, torch.float16)
+    base = loss_and_grads(call, z, tau, dtype, device, "reference", reduction, upstream) if low else ref
+    for name, g, r, b in zip(("loss", "dz", "dtau"), got, ref, base):
+        assert g.device.type == torch.device(device).type
+        assert torch.isfinite(g).all(), f"{what} {name} has NaN/inf"
+        bound = tol if tol is not None else max(TOLERANCE[dtype], 2 * rel_err(b, r))
+        assert_rel_close(g, r, bound, f"{what} {name}")

@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 
 import fastntxent as fx
-from helpers import BACKEND_CASES, TOLERANCE, assert_rel_close, rel_err
+from helpers import (BACKEND_CASES, assert_rel_close, check_against_reference, loss_and_grads,
+                     self_family_inputs)
 
 # (M rows, D, τ): odd sizes, one block exactly, sizes across block edges, low and high τ.
 CPU_SHAPES = [(1, 3, 0.5), (2, 1, 0.1), (7, 5, 0.01), (64, 64, 0.07), (65, 33, 0.2),
@@ -29,55 +30,14 @@ def shapes_for(backend, device):
     return INTERPRET_SHAPES if backend == "triton" else CPU_SHAPES
 
 
-def make_inputs(mode, M, D, dtype, device):
-    """Embeddings (M', D) and the call (z, temperature, **kw) -> loss for `mode`."""
-    if mode == "supcon":
-        z = torch.randn(M, D, dtype=torch.float64)
-        labels = torch.randint(0, max(1, M // 4), (M,))
-        labels = labels.to(device)
-        return z, lambda zz, t, **kw: fx.supcon(zz, labels, t, **kw)
-    if mode == "nt_xent":
-        N = max(1, M // 2)
-        z = torch.randn(2 * N, D, dtype=torch.float64)
-        return z, lambda zz, t, **kw: fx.nt_xent(zz[:N], zz[N:], t, **kw)
-    V = 3
-    N = max(1, M // V)
-    z = torch.randn(V * N, D, dtype=torch.float64)
-    return z, lambda zz, t, **kw: fx.multiview_nt_xent(zz.view(V, N, D), t, **kw)
-
-
-def run_loss(call, z, tau, dtype, device, backend, reduction, upstream):
-    """Loss, ∂z and ∂τ for one backend; z/τ start in float64 on the CPU."""
-    zz = z.to(device=device, dtype=dtype).detach().clone().requires_grad_(True)
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
-    t = torch.tensor(tau, dtype=acc, device=device, requires_grad=True)
-    loss = call(zz, t, backend=backend, reduction=reduction)
-    weight = upstream.to(device=device, dtype=loss.dtype) if reduction == "none" else 1.7
-    (loss * weight).sum().backward()
-    return loss.detach(), zz.grad, t.grad
-
-
 @pytest.mark.parametrize("backend,device", BACKEND_CASES)
 @pytest.mark.parametrize("mode", ["nt_xent", "multiview", "supcon"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_matches_float64_reference(backend, device, mode, dtype, reduction):
     for M, D, tau in shapes_for(backend, device):
-        z, call = make_inputs(mode, M, D, dtype, device)
-        # Round the inputs to the tested dtype so that both sides see the same values.
-        z = z.to(dtype).to(torch.float64)
-        upstream = torch.rand(z.shape[0], dtype=torch.float64) + 0.5
-        ref = run_loss(call, z, tau, torch.float64, device, "reference", reduction, upstream)
-        got = run_loss(call, z, tau, dtype, device, backend, reduction, upstream)
-        # Low precision: the bound is 2e-2, or twice the error of the reference itself when it
-        # is handed the same low-precision input (flash-attention's rule) — at τ = 0.01 the
-        # rounding of the unit rows alone is amplified 100×.
-        base = run_loss(call, z, tau, dtype, device, "reference", reduction, upstream) \
-            if dtype in (torch.bfloat16, torch.float16) else ref
-        for name, g, r, b in zip(("loss", "dz", "dtau"), got, ref, base):
-            assert torch.isfinite(g).all(), f"{name} has NaN/inf at M={M} D={D} tau={tau}"
-            tol = max(TOLERANCE[dtype], 2 * rel_err(b, r))
-            assert_rel_close(g, r, tol, f"{name} M={M} D={D} tau={tau}")
+        z, call = self_family_inputs(mode, M, D, device)
+        check_against_reference(call, z, tau, dtype, device, reduction, backend, what=f"M={M} D={D} tau={tau}")
 
 
 @pytest.mark.parametrize("backend,device", BACKEND_CASES)
@@ -85,10 +45,10 @@ def test_float64_tight(backend, device):
     if backend == "triton":
         pytest.skip("triton computes in fp32 (fp64 goes to the cpu/reference backends)")
     for M, D, tau in shapes_for(backend, device):
-        z, call = make_inputs("supcon", M, D, torch.float64, device)
+        z, call = self_family_inputs("supcon", M, D, device)
         up = torch.rand(z.shape[0], dtype=torch.float64)
-        ref = run_loss(call, z, tau, torch.float64, device, "reference", "none", up)
-        got = run_loss(call, z, tau, torch.float64, device, backend, "none", up)
+        ref = loss_and_grads(call, z, tau, torch.float64, device, "reference", "none", up)
+        got = loss_and_grads(call, z, tau, torch.float64, device, backend, "none", up)
         for name, g, r in zip(("loss", "dz", "dtau"), got, ref):
             assert_rel_close(g, r, 1e-10, f"{name} M={M} D={D}")
 
@@ -125,8 +85,8 @@ def test_positive_sets_with_zero_one_and_many(backend, device):
     for reduction in ("mean", "sum", "none"):
         up = torch.rand(11, dtype=torch.float64)
         call = lambda zz, t, **kw: fx.supcon(zz, labels, t, **kw)
-        ref = run_loss(call, z, 0.1, torch.float64, device, "reference", reduction, up)
-        got = run_loss(call, z, 0.1, torch.float32, device, backend, reduction, up)
+        ref = loss_and_grads(call, z, 0.1, torch.float64, device, "reference", reduction, up)
+        got = loss_and_grads(call, z, 0.1, torch.float32, device, backend, reduction, up)
         for name, g, r in zip(("loss", "dz", "dtau"), got, ref):
             assert_rel_close(g, r, 1e-5, name)
     none = fx.supcon(z.float().to(device), labels, 0.1, backend=backend, reduction="none")

@@ -7,6 +7,7 @@ and ∂τ, with an upstream gradient that is not 1.
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import pytest
@@ -15,7 +16,8 @@ import torch
 import fastntxent as fx
 from fastntxent import reference
 from fastntxent._dispatch import _triton_available, resolve_backend, self_ops
-from helpers import TOLERANCE, assert_rel_close, rel_err
+import helpers
+from helpers import assert_rel_close
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 TRITON_OK = _triton_available()[0]
@@ -34,44 +36,9 @@ else:  # pragma: no cover
 INTERP_SHAPES = [(1, 3, 0.5), (2, 1, 5.0), (37, 33, 0.01), (96, 130, 0.5)]
 
 
-def make_call(mode, M, D, device):
-    """float64 embeddings (M', D) and loss(z, τ, **kw) for the mode."""
-    if mode == "supcon":
-        z = torch.randn(M, D, dtype=torch.float64)
-        labels = torch.randint(0, max(1, M // 4), (M,)).to(device)
-        return z, lambda zz, t, **kw: fx.supcon(zz, labels, t, **kw)
-    if mode == "nt_xent":
-        N = max(1, M // 2)
-        z = torch.randn(2 * N, D, dtype=torch.float64)
-        return z, lambda zz, t, **kw: fx.nt_xent(zz[:N], zz[N:], t, **kw)
-    V = 3
-    N = max(1, M // V)
-    z = torch.randn(V * N, D, dtype=torch.float64)
-    return z, lambda zz, t, **kw: fx.multiview_nt_xent(zz.view(V, N, D), t, **kw)
-
-
-def loss_and_grads(call, z, tau, dtype, device, backend, reduction, upstream):
-    zz = z.to(device=device, dtype=dtype).detach().clone().requires_grad_(True)
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
-    t = torch.tensor(tau, dtype=acc, device=device, requires_grad=True)
-    loss = call(zz, t, backend=backend, reduction=reduction)
-    weight = upstream.to(device=device, dtype=loss.dtype) if reduction == "none" else 1.7
-    (loss * weight).sum().backward()
-    return loss.detach(), zz.grad, t.grad
-
-
-def check_against_reference(call, z, tau, dtype, device, reduction, tol=None, what=""):
-    z = z.to(dtype).to(torch.float64)  # both sides see the same rounded inputs
-    upstream = torch.rand(z.shape[0], dtype=torch.float64) + 0.5
-    ref = loss_and_grads(call, z, tau, torch.float64, device, "reference", reduction, upstream)
-    got = loss_and_grads(call, z, tau, dtype, device, "triton", reduction, upstream)
-    low = dtype in (torch.bfloat16, torch.float16)
-    base = loss_and_grads(call, z, tau, dtype, device, "reference", reduction, upstream) if low else ref
-    for name, g, r, b in zip(("loss", "dz", "dtau"), got, ref, base):
-        assert g.device.type == torch.device(device).type
-        assert torch.isfinite(g).all(), f"{what} {name} has NaN/inf"
-        bound = tol if tol is not None else max(TOLERANCE[dtype], 2 * rel_err(b, r))
-        assert_rel_close(g, r, bound, f"{what} {name}")
+make_call = helpers.self_family_inputs
+loss_and_grads = helpers.loss_and_grads
+check_against_reference = functools.partial(helpers.check_against_reference, backend="triton")
 
 
 # ----------------------------------------------------------------------------------------

@@ -2,7 +2,6 @@
 projection heads."""
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 
