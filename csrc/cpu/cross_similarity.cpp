@@ -27,11 +27,15 @@
 #include <limits>
 #include <vector>
 
+#include "tiling.h"
+
 namespace fastntxent {
 namespace {
 
-constexpr int64_t kRowBlock = 64;
-constexpr int64_t kColBlock = 256;
+using cpu::for_each_row_block;
+using cpu::kColBlock;
+using cpu::poisoned;
+using cpu::tile_product;
 
 struct CrossInputs {
   at::Tensor q;      // (M, D) contiguous, accumulation dtype
@@ -121,43 +125,36 @@ void cross_forward_impl(const CrossInputs& in, acc_t* lse, acc_t* pos, acc_t* ps
   const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
   const acc_t* qp = in.q.data_ptr<acc_t>();
   const acc_t* kp = in.k.data_ptr<acc_t>();
-  const int64_t num_row_blocks = (M + kRowBlock - 1) / kRowBlock;
 
-  at::parallel_for(0, num_row_blocks, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<acc_t> buf(kRowBlock * kColBlock);
-    for (int64_t rb = b0; rb < b1; ++rb) {
-      const int64_t r0 = rb * kRowBlock;
-      const int64_t nr = std::min(kRowBlock, M - r0);
-      const at::Tensor rows = in.q.narrow(0, r0, nr);
-      std::vector<RowState<acc_t>> st(nr, RowState<acc_t>{neg_inf, 0, 0, neg_inf, false});
-      for (int64_t r = 0; r < nr; ++r) {
-        const int64_t i = r0 + r;
-        pos[i] = sc * dot(qp + i * D, kp + (i + in.offset) * D, D);
-        // Without in-batch keys the positive is column 0, ahead of the queue.
-        if (!in.in_batch) st[r] = RowState<acc_t>{pos[i], 1, pos[i], pos[i], true};
-      }
-      const auto sweep = [&](const at::Tensor& cols, bool has_pos) {
-        const int64_t n = cols.size(0);
-        for (int64_t c0 = 0; c0 < n; c0 += kColBlock) {
-          const int64_t nc = std::min(kColBlock, n - c0);
-          at::Tensor tile = at::from_blob(buf.data(), {nr, nc}, in.q.options());
-          at::mm_out(tile, rows, cols.narrow(0, c0, nc).t());
-          for (int64_t r = 0; r < nr; ++r) {
-            acc_t* s = buf.data() + r * nc;
-            for (int64_t c = 0; c < nc; ++c) s[c] *= sc;
-            const int64_t pc = has_pos ? r0 + r + in.offset - c0 : -1;
-            update_row(st[r], s, nc, (pc >= 0 && pc < nc) ? pc : -1);
-          }
+  for_each_row_block<acc_t>(M, [&](int64_t r0, int64_t nr, std::vector<acc_t>& buf) {
+    const at::Tensor rows = in.q.narrow(0, r0, nr);
+    std::vector<RowState<acc_t>> st(nr, RowState<acc_t>{neg_inf, 0, 0, neg_inf, false});
+    for (int64_t r = 0; r < nr; ++r) {
+      const int64_t i = r0 + r;
+      pos[i] = sc * dot(qp + i * D, kp + (i + in.offset) * D, D);
+      // Without in-batch keys the positive is column 0, ahead of the queue.
+      if (!in.in_batch) st[r] = RowState<acc_t>{pos[i], 1, pos[i], pos[i], true};
+    }
+    const auto sweep = [&](const at::Tensor& cols, bool has_pos) {
+      const int64_t n = cols.size(0);
+      for (int64_t c0 = 0; c0 < n; c0 += kColBlock) {
+        const int64_t nc = std::min(kColBlock, n - c0);
+        tile_product(buf, rows, cols.narrow(0, c0, nc));
+        for (int64_t r = 0; r < nr; ++r) {
+          acc_t* s = buf.data() + r * nc;
+          for (int64_t c = 0; c < nc; ++c) s[c] *= sc;
+          const int64_t pc = has_pos ? r0 + r + in.offset - c0 : -1;
+          update_row(st[r], s, nc, (pc >= 0 && pc < nc) ? pc : -1);
         }
-      };
-      if (in.in_batch) sweep(in.k, true);
-      if (in.queue.defined()) sweep(in.queue, false);
-      for (int64_t r = 0; r < nr; ++r) {
-        const int64_t i = r0 + r;
-        lse[i] = st[r].m + std::log(st[r].l);
-        ps_sum[i] = st[r].ps / st[r].l;
-        top1[i] = st[r].best_is_pos ? 1 : 0;
       }
+    };
+    if (in.in_batch) sweep(in.k, true);
+    if (in.queue.defined()) sweep(in.queue, false);
+    for (int64_t r = 0; r < nr; ++r) {
+      const int64_t i = r0 + r;
+      lse[i] = st[r].m + std::log(st[r].l);
+      ps_sum[i] = st[r].ps / st[r].l;
+      top1[i] = st[r].best_is_pos ? 1 : 0;
     }
   });
 }
@@ -185,49 +182,42 @@ void cross_backward_impl(const CrossInputs& in, const acc_t* lse, const acc_t* a
   }
 
   // Sweep 1: ∂L/∂q, row blocks of q over tiles of k (in-batch) and of the queue.
-  const int64_t num_row_blocks = (M + kRowBlock - 1) / kRowBlock;
-  at::parallel_for(0, num_row_blocks, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<acc_t> buf(kRowBlock * kColBlock);
-    for (int64_t rb = b0; rb < b1; ++rb) {
-      const int64_t r0 = rb * kRowBlock;
-      const int64_t nr = std::min(kRowBlock, M - r0);
-      const at::Tensor rows = in.q.narrow(0, r0, nr);
-      at::Tensor acc = grad_q.narrow(0, r0, nr);
-      acc.zero_();
-      const auto sweep = [&](const at::Tensor& cols, bool has_pos) {
-        const int64_t n = cols.size(0);
-        for (int64_t c0 = 0; c0 < n; c0 += kColBlock) {
-          const int64_t nc = std::min(kColBlock, n - c0);
-          at::Tensor tile = at::from_blob(buf.data(), {nr, nc}, in.q.options());
-          const at::Tensor block = cols.narrow(0, c0, nc);
-          at::mm_out(tile, rows, block.t());
-          for (int64_t r = 0; r < nr; ++r) {
-            const int64_t i = r0 + r;
-            acc_t* h = buf.data() + r * nc;
-            const acc_t ai = a[i], li = lse[i];
-            if (ai != 0) {
-              for (int64_t c = 0; c < nc; ++c) h[c] = ai * std::exp(sc * h[c] - li);
-            } else {
-              for (int64_t c = 0; c < nc; ++c) h[c] = 0;
-            }
-            const int64_t pc = has_pos ? i + off - c0 : -1;
-            if (pc >= 0 && pc < nc) h[pc] += b[i];
-          }
-          acc.addmm_(tile, block);
-        }
-      };
-      if (in.in_batch) sweep(in.k, true);
-      if (in.queue.defined()) sweep(in.queue, false);
-      if (!in.in_batch) {
-        acc_t* g = acc.data_ptr<acc_t>();
+  for_each_row_block<acc_t>(M, [&](int64_t r0, int64_t nr, std::vector<acc_t>& buf) {
+    const at::Tensor rows = in.q.narrow(0, r0, nr);
+    at::Tensor acc = grad_q.narrow(0, r0, nr);
+    acc.zero_();
+    const auto sweep = [&](const at::Tensor& cols, bool has_pos) {
+      const int64_t n = cols.size(0);
+      for (int64_t c0 = 0; c0 < n; c0 += kColBlock) {
+        const int64_t nc = std::min(kColBlock, n - c0);
+        const at::Tensor block = cols.narrow(0, c0, nc);
+        const at::Tensor tile = tile_product(buf, rows, block);
         for (int64_t r = 0; r < nr; ++r) {
-          const acc_t cf = pos_coef[r0 + r];
-          const acc_t* kr = kp + (r0 + r + off) * D;
-          for (int64_t d = 0; d < D; ++d) g[r * D + d] += cf * kr[d];
+          const int64_t i = r0 + r;
+          acc_t* h = buf.data() + r * nc;
+          const acc_t ai = a[i], li = lse[i];
+          if (ai != 0) {
+            for (int64_t c = 0; c < nc; ++c) h[c] = ai * std::exp(sc * h[c] - li);
+          } else {
+            for (int64_t c = 0; c < nc; ++c) h[c] = 0;
+          }
+          const int64_t pc = has_pos ? i + off - c0 : -1;
+          if (pc >= 0 && pc < nc) h[pc] += b[i];
         }
+        acc.addmm_(tile, block);
       }
-      acc.mul_(sc);
+    };
+    if (in.in_batch) sweep(in.k, true);
+    if (in.queue.defined()) sweep(in.queue, false);
+    if (!in.in_batch) {
+      acc_t* g = acc.data_ptr<acc_t>();
+      for (int64_t r = 0; r < nr; ++r) {
+        const acc_t cf = pos_coef[r0 + r];
+        const acc_t* kr = kp + (r0 + r + off) * D;
+        for (int64_t d = 0; d < D; ++d) g[r * D + d] += cf * kr[d];
+      }
     }
+    acc.mul_(sc);
   });
 
   if (grad_k == nullptr) return;
@@ -243,33 +233,26 @@ void cross_backward_impl(const CrossInputs& in, const acc_t* lse, const acc_t* a
     });
     return;
   }
-  const int64_t num_key_blocks = (N + kRowBlock - 1) / kRowBlock;
-  at::parallel_for(0, num_key_blocks, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<acc_t> buf(kRowBlock * kColBlock);
-    for (int64_t kb = b0; kb < b1; ++kb) {
-      const int64_t j0 = kb * kRowBlock;
-      const int64_t nj = std::min(kRowBlock, N - j0);
-      const at::Tensor keys = in.k.narrow(0, j0, nj);
-      at::Tensor acc = grad_k->narrow(0, j0, nj);
-      acc.zero_();
-      for (int64_t i0 = 0; i0 < M; i0 += kColBlock) {
-        const int64_t ni = std::min(kColBlock, M - i0);
-        at::Tensor tile = at::from_blob(buf.data(), {nj, ni}, in.q.options());
-        const at::Tensor block = in.q.narrow(0, i0, ni);
-        at::mm_out(tile, keys, block.t());
-        for (int64_t jj = 0; jj < nj; ++jj) {
-          acc_t* h = buf.data() + jj * ni;
-          for (int64_t c = 0; c < ni; ++c) {
-            const int64_t i = i0 + c;
-            h[c] = a[i] != 0 ? a[i] * std::exp(sc * h[c] - lse[i]) : acc_t(0);
-          }
-          const int64_t pc = j0 + jj - off - i0;  // the query whose positive is key j0 + jj
-          if (pc >= 0 && pc < ni) h[pc] += b[i0 + pc];
+  for_each_row_block<acc_t>(N, [&](int64_t j0, int64_t nj, std::vector<acc_t>& buf) {
+    const at::Tensor keys = in.k.narrow(0, j0, nj);
+    at::Tensor acc = grad_k->narrow(0, j0, nj);
+    acc.zero_();
+    for (int64_t i0 = 0; i0 < M; i0 += kColBlock) {
+      const int64_t ni = std::min(kColBlock, M - i0);
+      const at::Tensor block = in.q.narrow(0, i0, ni);
+      const at::Tensor tile = tile_product(buf, keys, block);
+      for (int64_t jj = 0; jj < nj; ++jj) {
+        acc_t* h = buf.data() + jj * ni;
+        for (int64_t c = 0; c < ni; ++c) {
+          const int64_t i = i0 + c;
+          h[c] = a[i] != 0 ? a[i] * std::exp(sc * h[c] - lse[i]) : acc_t(0);
         }
-        acc.addmm_(tile, block);
+        const int64_t pc = j0 + jj - off - i0;  // the query whose positive is key j0 + jj
+        if (pc >= 0 && pc < ni) h[pc] += b[i0 + pc];
       }
-      acc.mul_(sc);
+      acc.addmm_(tile, block);
     }
+    acc.mul_(sc);
   });
 }
 
@@ -279,8 +262,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_forward_cpu(
   at::NoGradGuard no_grad;
   const CrossInputs in = prepare_cross(q, k, queue, scale, pos_offset, in_batch);
   const int64_t M = q.size(0);
-  const auto poisoned = [&] { return at::full({M}, std::numeric_limits<double>::quiet_NaN(), in.q.options()); };
-  at::Tensor lse = poisoned(), pos = poisoned(), ps_sum = poisoned(), top1 = poisoned();
+  const auto opts = in.q.options();
+  at::Tensor lse = poisoned({M}, opts), pos = poisoned({M}, opts), ps_sum = poisoned({M}, opts),
+             top1 = poisoned({M}, opts);
   AT_DISPATCH_FLOATING_TYPES(in.q.scalar_type(), "cross_forward_cpu", [&] {
     cross_forward_impl<scalar_t>(in, lse.data_ptr<scalar_t>(), pos.data_ptr<scalar_t>(),
                                  ps_sum.data_ptr<scalar_t>(), top1.data_ptr<scalar_t>());
@@ -301,9 +285,8 @@ std::tuple<at::Tensor, at::Tensor> cross_backward_cpu(
   const auto acc = in.q.scalar_type();
   const at::Tensor lse_c = lse.to(acc).contiguous(), a = grad_lse.to(acc).contiguous(),
                    b = grad_pos.to(acc).contiguous();
-  at::Tensor grad_q = at::full_like(in.q, std::numeric_limits<double>::quiet_NaN());
-  at::Tensor grad_k = need_grad_k ? at::full_like(in.k, std::numeric_limits<double>::quiet_NaN())
-                                  : at::zeros_like(in.k);
+  at::Tensor grad_q = poisoned(in.q.sizes(), in.q.options());
+  at::Tensor grad_k = need_grad_k ? poisoned(in.k.sizes(), in.k.options()) : at::zeros_like(in.k);
   AT_DISPATCH_FLOATING_TYPES(acc, "cross_backward_cpu", [&] {
     cross_backward_impl<scalar_t>(in, lse_c.data_ptr<scalar_t>(), a.data_ptr<scalar_t>(), b.data_ptr<scalar_t>(),
                                   grad_q, need_grad_k ? &grad_k : nullptr);

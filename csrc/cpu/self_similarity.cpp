@@ -8,7 +8,6 @@
 // Memory: one (row block × column block) tile and one (row block × D) accumulator per
 // thread, plus O(M) row statistics.
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -16,11 +15,15 @@
 #include <limits>
 #include <vector>
 
+#include "tiling.h"
+
 namespace fastntxent {
 namespace {
 
-constexpr int64_t kRowBlock = 64;
-constexpr int64_t kColBlock = 256;
+using cpu::for_each_row_block;
+using cpu::kColBlock;
+using cpu::poisoned;
+using cpu::tile_product;
 
 struct Inputs {
   at::Tensor u;       // (M, D) contiguous, accumulation dtype
@@ -75,62 +78,55 @@ void forward_impl(const Inputs& in, acc_t* lse, acc_t* pos_sum, acc_t* pos_count
   const acc_t inv_tau = static_cast<acc_t>(in.inv_tau);
   const int64_t* lab = in.labels.data_ptr<int64_t>();
   const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
-  const int64_t num_row_blocks = (M + kRowBlock - 1) / kRowBlock;
 
-  at::parallel_for(0, num_row_blocks, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<acc_t> buf(kRowBlock * kColBlock);
-    for (int64_t rb = b0; rb < b1; ++rb) {
-      const int64_t r0 = rb * kRowBlock;
-      const int64_t nr = std::min(kRowBlock, M - r0);
-      const at::Tensor rows = in.u.narrow(0, r0, nr);
-      // Per-row running state: max m, Σ exp(s - m), Σ exp(s - m)·s, positives, top-1.
-      std::vector<acc_t> m(nr, neg_inf), l(nr, 0), ps(nr, 0), psum(nr, 0), cnt(nr, 0), best(nr, neg_inf);
-      std::vector<char> best_is_pos(nr, 0);
-      for (int64_t c0 = 0; c0 < M; c0 += kColBlock) {
-        const int64_t nc = std::min(kColBlock, M - c0);
-        at::Tensor tile = at::from_blob(buf.data(), {nr, nc}, in.u.options());
-        at::mm_out(tile, rows, in.u.narrow(0, c0, nc).t());
-        for (int64_t r = 0; r < nr; ++r) {
-          const int64_t i = r0 + r;
-          const int64_t self = i - c0;  // column of the diagonal in this tile, maybe outside
-          const int64_t li = lab[i];
-          acc_t* s = buf.data() + r * nc;
-          for (int64_t c = 0; c < nc; ++c) s[c] *= inv_tau;
-          acc_t tmax = neg_inf;
-          int64_t targ = -1;
-          for_each_column_except(nc, self, [&](int64_t c) {
-            if (s[c] > tmax) { tmax = s[c]; targ = c; }
-          });
-          if (targ < 0) continue;  // the tile holds only the diagonal
-          if (tmax > best[r]) {
-            best[r] = tmax;
-            best_is_pos[r] = lab[c0 + targ] == li;
-          }
-          const acc_t new_m = std::max(m[r], tmax);
-          const acc_t scale = std::exp(m[r] - new_m);  // exp(-inf) = 0 on the first tile
-          acc_t tl = 0, tps = 0, tpos = 0, tcnt = 0;
-          for_each_column_except(nc, self, [&](int64_t c) {
-            const acc_t e = std::exp(s[c] - new_m);
-            tl += e;
-            tps += e * s[c];
-            if (lab[c0 + c] == li) { tpos += s[c]; tcnt += 1; }
-          });
-          l[r] = l[r] * scale + tl;
-          ps[r] = ps[r] * scale + tps;
-          psum[r] += tpos;
-          cnt[r] += tcnt;
-          m[r] = new_m;
-        }
-      }
+  for_each_row_block<acc_t>(M, [&](int64_t r0, int64_t nr, std::vector<acc_t>& buf) {
+    const at::Tensor rows = in.u.narrow(0, r0, nr);
+    // Per-row running state: max m, Σ exp(s - m), Σ exp(s - m)·s, positives, top-1.
+    std::vector<acc_t> m(nr, neg_inf), l(nr, 0), ps(nr, 0), psum(nr, 0), cnt(nr, 0), best(nr, neg_inf);
+    std::vector<char> best_is_pos(nr, 0);
+    for (int64_t c0 = 0; c0 < M; c0 += kColBlock) {
+      const int64_t nc = std::min(kColBlock, M - c0);
+      tile_product(buf, rows, in.u.narrow(0, c0, nc));
       for (int64_t r = 0; r < nr; ++r) {
         const int64_t i = r0 + r;
-        const bool any = l[r] > 0;  // false only when M == 1
-        lse[i] = any ? m[r] + std::log(l[r]) : neg_inf;
-        ps_sum[i] = any ? ps[r] / l[r] : 0;
-        pos_sum[i] = psum[r];
-        pos_count[i] = cnt[r];
-        top1[i] = best_is_pos[r] ? 1 : 0;
+        const int64_t self = i - c0;  // column of the diagonal in this tile, maybe outside
+        const int64_t li = lab[i];
+        acc_t* s = buf.data() + r * nc;
+        for (int64_t c = 0; c < nc; ++c) s[c] *= inv_tau;
+        acc_t tmax = neg_inf;
+        int64_t targ = -1;
+        for_each_column_except(nc, self, [&](int64_t c) {
+          if (s[c] > tmax) { tmax = s[c]; targ = c; }
+        });
+        if (targ < 0) continue;  // the tile holds only the diagonal
+        if (tmax > best[r]) {
+          best[r] = tmax;
+          best_is_pos[r] = lab[c0 + targ] == li;
+        }
+        const acc_t new_m = std::max(m[r], tmax);
+        const acc_t scale = std::exp(m[r] - new_m);  // exp(-inf) = 0 on the first tile
+        acc_t tl = 0, tps = 0, tpos = 0, tcnt = 0;
+        for_each_column_except(nc, self, [&](int64_t c) {
+          const acc_t e = std::exp(s[c] - new_m);
+          tl += e;
+          tps += e * s[c];
+          if (lab[c0 + c] == li) { tpos += s[c]; tcnt += 1; }
+        });
+        l[r] = l[r] * scale + tl;
+        ps[r] = ps[r] * scale + tps;
+        psum[r] += tpos;
+        cnt[r] += tcnt;
+        m[r] = new_m;
       }
+    }
+    for (int64_t r = 0; r < nr; ++r) {
+      const int64_t i = r0 + r;
+      const bool any = l[r] > 0;  // false only when M == 1
+      lse[i] = any ? m[r] + std::log(l[r]) : neg_inf;
+      ps_sum[i] = any ? ps[r] / l[r] : 0;
+      pos_sum[i] = psum[r];
+      pos_count[i] = cnt[r];
+      top1[i] = best_is_pos[r] ? 1 : 0;
     }
   });
 }
@@ -141,42 +137,35 @@ void backward_impl(const Inputs& in, const acc_t* lse, const acc_t* a, const acc
   const int64_t D = in.u.size(1);
   const acc_t inv_tau = static_cast<acc_t>(in.inv_tau);
   const int64_t* lab = in.labels.data_ptr<int64_t>();
-  const int64_t num_row_blocks = (M + kRowBlock - 1) / kRowBlock;
 
-  at::parallel_for(0, num_row_blocks, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<acc_t> buf(kRowBlock * kColBlock);
-    for (int64_t rb = b0; rb < b1; ++rb) {
-      const int64_t r0 = rb * kRowBlock;
-      const int64_t nr = std::min(kRowBlock, M - r0);
-      const at::Tensor rows = in.u.narrow(0, r0, nr);
-      at::Tensor acc = grad.narrow(0, r0, nr);  // contiguous rows of the output
-      acc.zero_();
-      for (int64_t c0 = 0; c0 < M; c0 += kColBlock) {
-        const int64_t nc = std::min(kColBlock, M - c0);
-        at::Tensor tile = at::from_blob(buf.data(), {nr, nc}, in.u.options());
-        const at::Tensor cols = in.u.narrow(0, c0, nc);
-        at::mm_out(tile, rows, cols.t());
-        for (int64_t r = 0; r < nr; ++r) {
-          const int64_t k = r0 + r;
-          acc_t* h = buf.data() + r * nc;
-          const acc_t ak = a[k], bk = b[k], lk = lse[k];
-          const int64_t labk = lab[k];
-          for (int64_t c = 0; c < nc; ++c) {
-            const int64_t j = c0 + c;
-            if (j == k) { h[c] = 0; continue; }
-            const acc_t s = h[c] * inv_tau;
-            // G_kj + G_jk with G_ij = a_i P_ij + b_i [j ∈ P(i)] (s is symmetric).
-            acc_t v = 0;
-            if (ak != 0) v += ak * std::exp(s - lk);
-            if (a[j] != 0) v += a[j] * std::exp(s - lse[j]);
-            if (lab[j] == labk) v += bk + b[j];
-            h[c] = v;
-          }
+  for_each_row_block<acc_t>(M, [&](int64_t r0, int64_t nr, std::vector<acc_t>& buf) {
+    const at::Tensor rows = in.u.narrow(0, r0, nr);
+    at::Tensor acc = grad.narrow(0, r0, nr);  // contiguous rows of the output
+    acc.zero_();
+    for (int64_t c0 = 0; c0 < M; c0 += kColBlock) {
+      const int64_t nc = std::min(kColBlock, M - c0);
+      const at::Tensor cols = in.u.narrow(0, c0, nc);
+      const at::Tensor tile = tile_product(buf, rows, cols);
+      for (int64_t r = 0; r < nr; ++r) {
+        const int64_t k = r0 + r;
+        acc_t* h = buf.data() + r * nc;
+        const acc_t ak = a[k], bk = b[k], lk = lse[k];
+        const int64_t labk = lab[k];
+        for (int64_t c = 0; c < nc; ++c) {
+          const int64_t j = c0 + c;
+          if (j == k) { h[c] = 0; continue; }
+          const acc_t s = h[c] * inv_tau;
+          // G_kj + G_jk with G_ij = a_i P_ij + b_i [j ∈ P(i)] (s is symmetric).
+          acc_t v = 0;
+          if (ak != 0) v += ak * std::exp(s - lk);
+          if (a[j] != 0) v += a[j] * std::exp(s - lse[j]);
+          if (lab[j] == labk) v += bk + b[j];
+          h[c] = v;
         }
-        acc.addmm_(tile, cols);
       }
-      acc.mul_(inv_tau);
+      acc.addmm_(tile, cols);
     }
+    acc.mul_(inv_tau);
   });
 }
 
@@ -186,10 +175,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> self_forw
   at::NoGradGuard no_grad;  // the kernels' tile products are not part of any graph
   const Inputs in = prepare(u, temperature, labels, period);
   const int64_t M = u.size(0);
-  // Poisoned: a row the kernel failed to write shows up as NaN, never as plausible garbage.
-  const auto poisoned = [&] { return at::full({M}, std::numeric_limits<double>::quiet_NaN(), in.u.options()); };
-  at::Tensor lse = poisoned(), pos_sum = poisoned(), pos_count = poisoned(), ps_sum = poisoned(),
-             top1 = poisoned();
+  const auto opts = in.u.options();
+  at::Tensor lse = poisoned({M}, opts), pos_sum = poisoned({M}, opts), pos_count = poisoned({M}, opts),
+             ps_sum = poisoned({M}, opts), top1 = poisoned({M}, opts);
   AT_DISPATCH_FLOATING_TYPES(in.u.scalar_type(), "self_forward_cpu", [&] {
     forward_impl<scalar_t>(in, lse.data_ptr<scalar_t>(), pos_sum.data_ptr<scalar_t>(),
                            pos_count.data_ptr<scalar_t>(), ps_sum.data_ptr<scalar_t>(),
@@ -211,7 +199,7 @@ at::Tensor self_backward_cpu(const at::Tensor& u, const at::Tensor& temperature,
   const auto acc = in.u.scalar_type();
   const at::Tensor lse_c = lse.to(acc).contiguous(), a = grad_lse.to(acc).contiguous(),
                    b = grad_pos.to(acc).contiguous();
-  at::Tensor grad = at::full_like(in.u, std::numeric_limits<double>::quiet_NaN());
+  at::Tensor grad = poisoned(in.u.sizes(), in.u.options());
   AT_DISPATCH_FLOATING_TYPES(acc, "self_backward_cpu", [&] {
     backward_impl<scalar_t>(in, lse_c.data_ptr<scalar_t>(), a.data_ptr<scalar_t>(),
                             b.data_ptr<scalar_t>(), grad);
