@@ -12,8 +12,9 @@ from ._validation import check_backend, check_reduction
 
 class _TemperatureModule(nn.Module):
     def __init__(self, temperature: float, learnable_temperature: bool, normalize: bool,
-                 reduction: str, backend: str):
+                 reduction: str, backend: str, gather: bool = False):
         super().__init__()
+        self.gather = gather
         if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
             raise ValueError(f"temperature must be a finite float > 0, got {temperature!r}")
         self.normalize = normalize
@@ -33,18 +34,20 @@ class _TemperatureModule(nn.Module):
 
     def _options(self, return_stats: bool) -> dict:
         return dict(normalize=self.normalize, reduction=self.reduction, backend=self.backend,
-                    return_stats=return_stats)
+                    return_stats=return_stats, gather=self.gather)
 
     def extra_repr(self) -> str:
         t = float(torch.as_tensor(self.temperature).detach())
         return (f"temperature={t:.4g}, learnable_temperature={self.learnable_temperature}, "
-                f"normalize={self.normalize}, reduction={self.reduction!r}, backend={self.backend!r}")
+                f"normalize={self.normalize}, reduction={self.reduction!r}, backend={self.backend!r}, "
+                f"gather={self.gather}")
 
 
 class NTXentLoss(_TemperatureModule):
     """SimCLR NT-Xent loss.
 
-    Args: temperature (τ > 0), learnable_temperature, normalize, reduction, backend.
+    Args: temperature (τ > 0), learnable_temperature, normalize, reduction, backend,
+    gather (torch.distributed: the loss of all ranks' rows, see fastntxent.distributed).
     Shape: z1, z2: (N, D) → scalar (or (2N,) with reduction="none").
     Example:
         >>> loss_fn = NTXentLoss(temperature=0.5)
@@ -52,8 +55,9 @@ class NTXentLoss(_TemperatureModule):
     """
 
     def __init__(self, temperature: float = 0.5, *, learnable_temperature: bool = False,
-                 normalize: bool = True, reduction: str = "mean", backend: str = "auto"):
-        super().__init__(temperature, learnable_temperature, normalize, reduction, backend)
+                 normalize: bool = True, reduction: str = "mean", backend: str = "auto",
+                 gather: bool = False):
+        super().__init__(temperature, learnable_temperature, normalize, reduction, backend, gather)
 
     def forward(self, z1: torch.Tensor, z2: torch.Tensor, return_stats: bool = False):
         return F.nt_xent(z1, z2, self.temperature, **self._options(return_stats))
@@ -62,14 +66,16 @@ class NTXentLoss(_TemperatureModule):
 class SupConLoss(_TemperatureModule):
     """Supervised contrastive loss (L_out).
 
+    Args as NTXentLoss (gather: all ranks' rows and labels).
     Shape: z: (M, D), labels: (M,) integer → scalar (or (M,) with reduction="none").
     Example:
         >>> loss = SupConLoss(temperature=0.1)(features, labels)
     """
 
     def __init__(self, temperature: float = 0.1, *, learnable_temperature: bool = False,
-                 normalize: bool = True, reduction: str = "mean", backend: str = "auto"):
-        super().__init__(temperature, learnable_temperature, normalize, reduction, backend)
+                 normalize: bool = True, reduction: str = "mean", backend: str = "auto",
+                 gather: bool = False):
+        super().__init__(temperature, learnable_temperature, normalize, reduction, backend, gather)
 
     def forward(self, z: torch.Tensor, labels: torch.Tensor, return_stats: bool = False):
         return F.supcon(z, labels, self.temperature, **self._options(return_stats))
@@ -90,14 +96,13 @@ class InfoNCELoss(_TemperatureModule):
     def __init__(self, temperature: float = 0.2, *, learnable_temperature: bool = False,
                  normalize: bool = True, reduction: str = "mean", backend: str = "auto",
                  gather: bool = False):
-        super().__init__(temperature, learnable_temperature, normalize, reduction, backend)
-        self.gather = gather
+        super().__init__(temperature, learnable_temperature, normalize, reduction, backend, gather)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor | None = None,
                 return_stats: bool = False):
         from .cross import info_nce
 
-        return info_nce(q, k, queue, self.temperature, gather=self.gather, **self._options(return_stats))
+        return info_nce(q, k, queue, self.temperature, **self._options(return_stats))
 
 
 class ClipLoss(nn.Module):

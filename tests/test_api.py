@@ -40,6 +40,10 @@ needs_ext = pytest.mark.skipif(not _extension.has_cpu_kernels(), reason="fastntx
         (lambda: fx.multiview_nt_xent([]), ValueError, "at least one view"),
         (lambda: fx.multiview_nt_xent([torch.randn(4, 3), torch.randn(5, 3)]), ValueError, r"views\[1\] has shape"),
         (lambda: fx.NTXentLoss(temperature=0), ValueError, "temperature"),
+        (lambda: fx.NTXentLoss(gather=True)(torch.randn(4, 3), torch.randn(4, 3)), ValueError,
+         "needs an initialised torch.distributed process group"),
+        (lambda: fx.SupConLoss(gather=True)(torch.randn(4, 3), torch.zeros(4, dtype=torch.long)), ValueError,
+         "process group"),
         (lambda: fx.SupConLoss(reduction="mean2"), ValueError, "reduction"),
     ],
 )
