@@ -176,6 +176,12 @@ def matmul_tflops(device: str, dtype: str) -> float:
 
 
 # ----------------------------------------------------------------------------- driver side
+def _is_oom(message: str) -> bool:
+    """CUDA's OutOfMemoryError or the CPU allocator's failure."""
+    m = message.lower()
+    return "out of memory" in m or "outofmemory" in m or "can't allocate memory" in m
+
+
 def run_point(cfg: dict, timeout: float) -> dict:
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
     try:
@@ -187,7 +193,7 @@ def run_point(cfg: dict, timeout: float) -> dict:
         if line.startswith("{"):
             return json.loads(line)
     err = proc.stderr.strip().splitlines()
-    if any("out of memory" in e.lower() or "OutOfMemory" in e for e in err) or proc.returncode in (-9, 137):
+    if any(_is_oom(e) for e in err) or proc.returncode in (-9, 137):
         return {"status": "OOM"}
     return {"status": "error: " + (err[-1][:120] if err else f"exit {proc.returncode}")}
 
