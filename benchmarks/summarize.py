@@ -37,7 +37,10 @@ def summarize(path) -> Path:
     for r in rows:
         groups[(r["mode"], r["D"], r["dtype"])].append(r)
     lines = [f"# Benchmark: {rows[0]['device_name']} ({rows[0]['date']}, fastntxent {rows[0]['version']})", "",
-             f"matmul rate measured in the same run: see column `matmul_tflops`. Source: `{path.name}`.", ""]
+             f"Source: `{path.name}` (medians; 20/80 % quantiles and the matmul rate measured in the same "
+             "run are in the CSV). Cells: median time in ms (peak extra memory in MiB over the inputs: "
+             "on CPU the peak RSS of an isolated worker process during one call after warm-up, on CUDA "
+             "`max_memory_allocated` minus the inputs). OOM: the provider ran out of memory.", ""]
     for (mode, D, dtype), rs in sorted(groups.items()):
         providers = list(dict.fromkeys(r["provider"] for r in rs))
         sizes = sorted({int(r["M"]) for r in rs})
