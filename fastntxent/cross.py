@@ -21,12 +21,16 @@ __all__ = ["info_nce", "clip_loss", "cross_rows"]
 # Fused backends of the cross family. The Triton (and CUDA) engineer adds the name here and
 # returns its forward operator from `_cross_forward_op` (registered with
 # fastntxent._cross_ops.register_cross_ops for autograd / fake kernels).
-_FUSED_CROSS = ("cpu",)
+_FUSED_CROSS = ("cpu", "triton")
 
 
 def _cross_forward_op(name: str):
     if name == "cpu":
         return torch.ops.fastntxent.cross_forward
+    if name == "triton":
+        from ._triton import cross_similarity
+
+        return cross_similarity.cross_forward
     raise ValueError(f"no fused cross-family operators for backend {name!r}")
 
 
