@@ -18,9 +18,10 @@ Forward: one program per (row block, column split). The column tiles of a row bl
 key tiles (in_batch) followed by the queue tiles; a split takes a contiguous range of them.
 Each tile is one `tl.dot` (D looped in chunks when large); per row an online max-subtracted
 logsumexp (exp2), Σ P·s rescaled with it, and the top-1 statistic (the first column reaching
-the maximum wins, across tiles too: a later tile must be strictly greater). The positive
-logit is an elementwise fp32 row dot. Without in-batch keys the positive is column 0: split 0
-starts from it. Several splits write partial states merged on the host (O(splits·M)).
+the maximum wins, across tiles too: a later tile must be strictly greater). With in-batch
+keys the positive logit is read from the tile holding it (the rounding of the lse terms, so
+lse ≥ pos and M = 1 gives a loss of exactly 0); without, it is an elementwise fp32 row dot
+and, as column 0, the starting state of split 0. Several splits write partial states merged on the host (O(splits·M)).
 
 Backward, for L = Σ_i a_i·lse_i + b_i·pos_i (a = grad_lse, b = grad_pos), G_ic = a_i P_ic
 + b_i [c = positive of i]:
@@ -163,7 +164,7 @@ def _cross_fwd_kernel(
     Q, stride_qm, stride_qd, K, stride_km, stride_kd, QU, stride_um, stride_ud,
     SCALE, M, N, NQ, D, OFF, M_KEY, C_KEY,
     LSE, POS, PS_SUM, TOP1,                # final outputs (POS always; the rest with one split)
-    W,                                     # (5, splits, M) partial states (several splits)
+    W,                                     # (6, splits, M) partial states (several splits)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     D_CHUNKS: tl.constexpr, IN_BATCH: tl.constexpr, HAS_QUEUE: tl.constexpr, SPLIT: tl.constexpr,
     CAST_F32: tl.constexpr, PREC: tl.constexpr,
@@ -177,8 +178,6 @@ def _cross_fwd_kernel(
     prow = rows + OFF  # the positive key of each row
     scale = tl.load(SCALE).to(tl.float32)
     q = _load_rows(Q, stride_qm, stride_qd, rows, row_ok, D, BLOCK_M, BLOCK_D, D_CHUNKS, CAST_F32)
-    pos = scale * _row_dot(Q, stride_qm, stride_qd, rows, K, stride_km, stride_kd, prow, row_ok, D,
-                           BLOCK_M, BLOCK_D, D_CHUNKS)
 
     if IN_BATCH:
         n_kt = tl.cdiv(N, BLOCK_N)
@@ -193,6 +192,12 @@ def _cross_fwd_kernel(
     t_start = pid_s * per_split
     t_stop = tl.minimum(t_start + per_split, n_tiles)
 
+    # The positive logit: with in-batch keys taken from the tile that holds it (the same
+    # rounding as the logsumexp terms, so lse ≥ pos); else an fp32 row dot.
+    pos = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    if not IN_BATCH:
+        pos = scale * _row_dot(Q, stride_qm, stride_qd, rows, K, stride_km, stride_kd, prow, row_ok, D,
+                               BLOCK_M, BLOCK_D, D_CHUNKS)
     neg_inf = float("-inf")
     m_i = tl.full((BLOCK_M,), neg_inf, dtype=tl.float32)   # running max of s
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)           # Σ exp(s − m)
@@ -217,7 +222,9 @@ def _cross_fwd_kernel(
             dots, _b = _dot_tile(Q, stride_qm, stride_qd, rows, row_ok, K, stride_km, stride_kd, cols, col_ok,
                                  q, D, BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS, CAST_F32, PREC)
             is_pos = prow[:, None] == cols[None, :]
-            m_i, l_i, ps_i, best, best_pos = _online_update(m_i, l_i, ps_i, best, best_pos, dots * scale,
+            s = dots * scale
+            pos += tl.sum(tl.where(is_pos, s, 0.0), 1)
+            m_i, l_i, ps_i, best, best_pos = _online_update(m_i, l_i, ps_i, best, best_pos, s,
                                                             col_ok, is_pos, local, BLOCK_N)
     if HAS_QUEUE:
         for t in range(tl.maximum(t_start, n_kt), t_stop):
@@ -229,7 +236,10 @@ def _cross_fwd_kernel(
             m_i, l_i, ps_i, best, best_pos = _online_update(m_i, l_i, ps_i, best, best_pos, dots * scale,
                                                             col_ok, no_pos, local, BLOCK_N)
 
-    tl.store(POS + rows, pos, mask=row_ok & (pid_s == 0))
+    if SPLIT and IN_BATCH:  # the positive's tile may lie in any split: partial sums
+        tl.store(W + 5 * n_split.to(tl.int64) * M + pid_s.to(tl.int64) * M + rows, pos, mask=row_ok)
+    else:
+        tl.store(POS + rows, pos, mask=row_ok & (pid_s == 0))
     if SPLIT:
         base = W + pid_s.to(tl.int64) * M + rows
         stride_k = n_split.to(tl.int64) * M
@@ -500,7 +510,7 @@ def _cross_forward_triton(
     block_d, d_chunks, _ = _d_blocks(D, q.dtype)
     splits = _num_splits(M, n_cols, q.device) if n_cols > 0 else 1
     dummy = outs[0]
-    work = torch.empty((5, splits, M), **f32) if splits > 1 else dummy
+    work = torch.empty((6, splits, M), **f32) if splits > 1 else dummy
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), splits)  # noqa: E731
     _cross_fwd_kernel[grid](
         q, q.stride(0), q.stride(1), k, k.stride(0), k.stride(1), *_strides(queue, q),
@@ -512,13 +522,15 @@ def _cross_forward_triton(
     if splits == 1:
         return tuple(outs)
     # Merge the partial states of the splits (flash-decoding): O(splits·M).
-    m, l, ps, best, best_pos = work.unbind(0)
+    m, l, ps, best, best_pos, pos_part = work.unbind(0)
     m_max = m.max(0).values
     m_use = torch.where(torch.isinf(m_max), torch.zeros_like(m_max), m_max)
     w = torch.exp(m - m_use)  # exp(−inf) = 0 for splits without any column
     l_tot = (l * w).sum(0)
     ps_tot = (ps * w).sum(0)
-    lse, _pos, ps_sum, top1 = outs
+    lse, pos, ps_sum, top1 = outs
+    if in_batch:
+        torch.sum(pos_part, 0, out=pos)
     torch.add(m_use, torch.log(l_tot), out=lse)
     torch.div(ps_tot, l_tot, out=ps_sum)
     first = best.argmax(0, keepdim=True)  # first split reaching the max: first column wins
