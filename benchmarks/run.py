@@ -6,10 +6,12 @@
 Every (provider, mode, M, D, dtype) point runs in its own worker process, so that a provider
 running out of memory is recorded as "OOM" instead of ending the sweep, and so that peak
 memory is measured cleanly:
-- CPU: the worker resets the kernel's peak-RSS mark (/proc/self/clear_refs) after warm-up and
-  reports VmHWM − RSS before the measured call, with glibc told to return freed memory to the
-  OS (MALLOC_MMAP_THRESHOLD_), i.e. the extra memory the loss needs on top of its inputs.
-  Time: torch.utils.benchmark's blocked_autorange, median and 20/80 % quantiles.
+- CPU, two workers per point. Memory: the worker resets the kernel's peak-RSS mark
+  (/proc/self/clear_refs) after warm-up and reports VmHWM − RSS before the measured call, with
+  glibc told to return freed memory to the OS at once (MALLOC_MMAP_THRESHOLD_), i.e. the extra
+  memory the loss needs on top of its inputs. Time: a second worker with the default allocator
+  (the memory settings make every large allocation an mmap and would distort time),
+  torch.utils.benchmark's blocked_autorange, median and 20/80 % quantiles.
 - CUDA: triton.testing.do_bench (median, 20/80 %) over rotating inputs after a warm-up that
   covers JIT and autotuning; memory = torch.cuda.max_memory_allocated − the inputs.
 TFLOP/s counts 6·M²·D for forward+backward (2·M²·D for forward) and is compared with the
@@ -91,10 +93,10 @@ def worker(cfg: dict) -> dict:
     with grad_ctx:
         if device == "cuda":
             return _worker_cuda(fn, mode, M, D, dtype)
-        return _worker_cpu(fn, mode, M, D, dtype)
+        return _worker_cpu(fn, mode, M, D, dtype, cfg["measure"])
 
 
-def _worker_cpu(fn, mode, M, D, dtype):
+def _worker_cpu(fn, mode, M, D, dtype, measure):
     import torch
     import torch.utils.benchmark as tb
 
@@ -104,19 +106,20 @@ def _worker_cpu(fn, mode, M, D, dtype):
         return {"status": "nonfinite"}
     z1.grad = z2.grad = None
     del loss
-    before = _rss("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset the peak-RSS mark
-    _step(fn, z1, z2, mode)
-    peak = _rss("VmHWM") - before
-    z1.grad = z2.grad = None
+    if measure == "memory":
+        before = _rss("VmRSS")
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset the peak-RSS mark
+        _step(fn, z1, z2, mode)
+        return {"peak_mem_mb": (_rss("VmHWM") - before) / 2**20, "status": "ok"}
+    # Timer defaults to one thread: measure with all the threads the loss would use.
     timer = tb.Timer("step(fn, z1, z2, mode); z1.grad = z2.grad = None",
-                     globals={"step": _step, "fn": fn, "z1": z1, "z2": z2, "mode": mode})
+                     globals={"step": _step, "fn": fn, "z1": z1, "z2": z2, "mode": mode},
+                     num_threads=torch.get_num_threads())
     m = timer.blocked_autorange(min_run_time=2.0)
     times = sorted(m.times)
     q = lambda p: times[min(len(times) - 1, int(p * len(times)))] * 1e3
-    return {"median_ms": m.median * 1e3, "p20_ms": q(0.2), "p80_ms": q(0.8),
-            "peak_mem_mb": peak / 2**20, "status": "ok"}
+    return {"median_ms": m.median * 1e3, "p20_ms": q(0.2), "p80_ms": q(0.8), "status": "ok"}
 
 
 def _worker_cuda(fn, mode, M, D, dtype):
@@ -171,7 +174,8 @@ def matmul_tflops(device: str, dtype: str) -> float:
     else:
         import torch.utils.benchmark as tb
 
-        ms = tb.Timer("a @ b", globals={"a": a, "b": b}).blocked_autorange(min_run_time=1.0).median * 1e3
+        timer = tb.Timer("a @ b", globals={"a": a, "b": b}, num_threads=torch.get_num_threads())
+        ms = timer.blocked_autorange(min_run_time=1.0).median * 1e3
     return 2 * n**3 / (ms * 1e-3) / 1e12
 
 
@@ -183,7 +187,17 @@ def _is_oom(message: str) -> bool:
 
 
 def run_point(cfg: dict, timeout: float) -> dict:
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
+    """One (provider, mode, M, D, dtype) point; on CPU memory and time in separate workers."""
+    if cfg["device"] != "cpu":
+        return _run_worker(cfg, dict(os.environ), timeout)
+    memory = _run_worker({**cfg, "measure": "memory"},
+                         dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0"), timeout)
+    if memory["status"] != "ok":
+        return memory
+    return {**memory, **_run_worker({**cfg, "measure": "time"}, dict(os.environ), timeout)}
+
+
+def _run_worker(cfg: dict, env: dict, timeout: float) -> dict:
     try:
         proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(cfg)], env=env,
                               capture_output=True, text=True, timeout=timeout)
