@@ -112,7 +112,7 @@ def _op_rows_vs_reference(q, k, queue, s, off, in_batch):
         assert x.dtype == torch.float32 and x.shape == (q.shape[0],)
         assert_rel_close(x, y, 1e-5, name)
     M = q.shape[0]
-    wa, wb = torch.rand(M), torch.randn(M)
+    wa, wb = torch.rand(M, device=q.device), torch.randn(M, device=q.device)
     g = torch.autograd.grad((got[0] * wa + got[1] * wb).sum(), [qq, kk, ss])
     r = torch.autograd.grad((ref[0] * wa.double() + ref[1] * wb.double()).sum(), [q64, k64, s64])
     for name, x, y in zip(("grad q", "grad k", "grad scale"), g, r):
@@ -260,6 +260,42 @@ def test_backend_resolution_and_errors():
         tc.cross_forward(x.float(), x.float(), None, torch.tensor(2.0), 1, True)
 
 
+@pytest.mark.skipif(not TRITON_OK, reason="needs triton")
+def test_cpu_tensors_without_interpreter_say_why(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+        fx.info_nce(torch.randn(4, 3), torch.randn(4, 3), backend="triton")
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+        fx.clip_loss(torch.randn(4, 3), torch.randn(4, 3), 10.0, backend="triton")
+
+
+@needs_interpreter
+def test_torch_compile_fullgraph():
+    """The triton operators are opaque custom ops with fake kernels: torch.compile traces them."""
+    head = torch.nn.Linear(6, 5)
+    log_s = torch.tensor(2.0, requires_grad=True)
+    params = (*head.parameters(), log_s)
+
+    def f(x, y, queue):
+        a, b = head(x), head(y)
+        return (fx.clip_loss(a, b, log_s.exp(), backend="triton")
+                + fx.info_nce(a, b, queue, 0.2, backend="triton"))
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True)
+    x, y, queue = torch.randn(9, 6), torch.randn(9, 6), torch.randn(12, 5)
+    loss = compiled(x, y, queue)
+    loss.backward()
+    grads = [p.grad.clone() for p in params]
+    for p in params:
+        p.grad = None
+    eager = f(x, y, queue)
+    eager.backward()
+    torch.testing.assert_close(loss, eager, rtol=1e-5, atol=1e-6)
+    for g, p in zip(grads, params):
+        torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-6)
+
+
 # ----------------------------------------------------------------------------------------
 # CUDA (skipped without a GPU)
 # ----------------------------------------------------------------------------------------
@@ -286,7 +322,6 @@ def test_cuda_splits_auto_backend_and_offset(monkeypatch, splits):
     k = torch.nn.functional.normalize(torch.randn(N, D, device="cuda"), dim=1)
     queue = torch.randn(3000, D, device="cuda")
     try:
-        torch.backends.cuda.matmul.allow_tf32 = False
         tc.set_fp32_precision("ieee")
         for in_batch in (True, False):
             _op_rows_vs_reference(q, k, queue, torch.tensor(4.0, device="cuda"), off, in_batch)
