@@ -67,8 +67,6 @@ __all__ = ["cross_forward", "cross_backward", "set_fp32_precision", "get_fp32_pr
 # the interpreter); an int forces it (tests use this to exercise the split/merge path).
 SPLITS: Optional[int] = None
 
-_LOG2E = 1.4426950408889634
-
 
 # --------------------------------------------------------------------------------------
 # Kernels
