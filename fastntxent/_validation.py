@@ -43,6 +43,17 @@ def check_same_device(**tensors: torch.Tensor) -> None:
             )
 
 
+def check_pair(name_a: str, a, name_b: str, b) -> None:
+    """Two embedding tensors that must match: same shape, device and dtype."""
+    check_embeddings(name_a, a)
+    check_embeddings(name_b, b)
+    if a.shape != b.shape:
+        raise ValueError(f"{name_a} and {name_b} must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+    check_same_device(**{name_a: a, name_b: b})
+    if a.dtype != b.dtype:
+        raise TypeError(f"{name_a} and {name_b} must have the same dtype, got {a.dtype} and {b.dtype}")
+
+
 def check_labels(labels, rows: int, device: torch.device) -> torch.Tensor:
     """Integer labels of shape (rows,) on `device`; returned as int64."""
     if not isinstance(labels, torch.Tensor):

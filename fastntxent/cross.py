@@ -14,7 +14,8 @@ from . import _extension, reference
 from . import distributed as _dist
 from ._dispatch import resolve_backend
 from ._ops import accumulation_dtype
-from ._validation import Scalar, as_temperature, check_backend, check_embeddings, check_reduction, check_same_device
+from ._validation import (Scalar, as_temperature, check_backend, check_embeddings, check_pair, check_reduction,
+                          check_same_device)
 
 __all__ = ["info_nce", "clip_loss", "cross_rows"]
 
@@ -66,16 +67,6 @@ def _prepare(x, name: str, u_dtype, normalize: bool):
     return reference.normalize_rows(x, u_dtype) if normalize else x.to(u_dtype)
 
 
-def _check_pair(qname, q, kname, k):
-    check_embeddings(qname, q)
-    check_embeddings(kname, k)
-    if q.shape != k.shape:
-        raise ValueError(f"{qname} and {kname} must have the same shape, got {tuple(q.shape)} and {tuple(k.shape)}")
-    check_same_device(**{qname: q, kname: k})
-    if q.dtype != k.dtype:
-        raise TypeError(f"{qname} and {kname} must have the same dtype, got {q.dtype} and {k.dtype}")
-
-
 def _u_dtype(name: str, dtype: torch.dtype) -> torch.dtype:
     # The CPU kernel and the reference compute in fp32 / fp64: hand them rows in that dtype.
     return accumulation_dtype(dtype) if name in ("cpu", "reference") else dtype
@@ -111,7 +102,7 @@ def info_nce(
     gather=True (torch.distributed): without a queue the keys of all ranks are the negatives;
     the value is the loss over all ranks' queries (see fastntxent.distributed).
     """
-    _check_pair("q", q, "k", k)
+    check_pair("q", q, "k", k)
     if queue is not None:
         if not isinstance(queue, torch.Tensor):
             raise TypeError(f"queue must be a torch.Tensor or None, got {type(queue).__name__}")
@@ -181,7 +172,7 @@ def clip_loss(
     gather=True (torch.distributed): both towers of all ranks are the negatives; the value is
     the loss over the global batch (see fastntxent.distributed).
     """
-    _check_pair("a", a, "b", b)
+    check_pair("a", a, "b", b)
     scale = as_temperature(logit_scale, a, name="logit_scale")
     name = resolve_cross_backend(backend, a.device, a.dtype)
     if gather:

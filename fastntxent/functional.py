@@ -17,6 +17,7 @@ from ._validation import (
     as_temperature,
     check_embeddings,
     check_labels,
+    check_pair,
     check_reduction,
     check_same_device,
 )
@@ -92,13 +93,7 @@ def nt_xent(
     The loss averages over the 2N anchors of cat(z1, z2); `reduction="none"` returns (2N,).
     `gather=True`: loss of all ranks' rows (torch.distributed), see fastntxent.distributed.
     """
-    check_embeddings("z1", z1)
-    check_embeddings("z2", z2)
-    if z1.shape != z2.shape:
-        raise ValueError(f"z1 and z2 must have the same shape, got {tuple(z1.shape)} and {tuple(z2.shape)}")
-    check_same_device(z1=z1, z2=z2)
-    if z1.dtype != z2.dtype:
-        raise TypeError(f"z1 and z2 must have the same dtype, got {z1.dtype} and {z2.dtype}")
+    check_pair("z1", z1, "z2", z2)
     if gather:
         from .distributed import gathered_nt_xent
 
