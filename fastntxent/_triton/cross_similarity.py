@@ -53,6 +53,7 @@ from .self_similarity import (
     _FWD_CONFIGS,
     _INTERPRET,
     _d_blocks,
+    _dot_tile,
     _interpreting,
     _m_key,
     _precision,
@@ -71,37 +72,6 @@ SPLITS: Optional[int] = None
 # --------------------------------------------------------------------------------------
 # Kernels
 # --------------------------------------------------------------------------------------
-@triton.jit
-def _dot_tile(A, stride_am, stride_ad, rows, row_ok, B, stride_bm, stride_bd, cols, col_ok, a, D,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-              D_CHUNKS: tl.constexpr, CAST_F32: tl.constexpr, PREC: tl.constexpr):
-    """A[rows] · B[cols]ᵀ (BLOCK_M, BLOCK_N) in fp32. With one D chunk `a` holds A[rows] and
-    the B tile is returned for reuse; otherwise D is looped over in chunks (`a` is only a
-    dtype placeholder; returns the last B chunk, unused)."""
-    offs_d = tl.arange(0, BLOCK_D)
-    if D_CHUNKS == 1:
-        b = tl.load(B + cols[:, None] * stride_bm + offs_d[None, :] * stride_bd,
-                    mask=col_ok[:, None] & (offs_d < D)[None, :], other=0.0)
-        if CAST_F32:
-            b = b.to(tl.float32)
-        acc = tl.dot(a, tl.trans(b), input_precision=PREC)
-    else:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        b = tl.zeros((BLOCK_N, BLOCK_D), dtype=a.dtype)
-        for c in range(D_CHUNKS):
-            d = c * BLOCK_D + offs_d
-            d_ok = d < D
-            ac = tl.load(A + rows[:, None] * stride_am + d[None, :] * stride_ad,
-                         mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-            b = tl.load(B + cols[:, None] * stride_bm + d[None, :] * stride_bd,
-                        mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-            if CAST_F32:
-                ac = ac.to(tl.float32)
-                b = b.to(tl.float32)
-            acc = tl.dot(ac, tl.trans(b), acc, input_precision=PREC)
-    return acc, b
-
-
 @triton.jit
 def _row_dot(A, stride_am, stride_ad, rows, B, stride_bm, stride_bd, brows, ok, D,
              BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, D_CHUNKS: tl.constexpr):

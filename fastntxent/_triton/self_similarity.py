@@ -119,34 +119,43 @@ else:
 # Kernels
 # --------------------------------------------------------------------------------------
 @triton.jit
-def _sim_tile(U, stride_um, stride_ud, rows, row_ok, cols, col_ok, q, D,
+def _dot_tile(A, stride_am, stride_ad, rows, row_ok, B, stride_bm, stride_bd, cols, col_ok, a, D,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
               D_CHUNKS: tl.constexpr, CAST_F32: tl.constexpr, PREC: tl.constexpr):
-    """u_rows · u_colsᵀ (BLOCK_M, BLOCK_N) in fp32. With one D chunk `q` holds the rows and the
-    column tile is returned for reuse; otherwise D is looped over in chunks (returns the last
-    column chunk, unused)."""
+    """A[rows] · B[cols]ᵀ (BLOCK_M, BLOCK_N) in fp32. With one D chunk `a` holds A[rows] and
+    the B tile is returned for reuse; otherwise D is looped over in chunks (`a` is only a
+    dtype placeholder; returns the last B chunk, unused)."""
     offs_d = tl.arange(0, BLOCK_D)
     if D_CHUNKS == 1:
-        k = tl.load(U + cols[:, None] * stride_um + offs_d[None, :] * stride_ud,
+        b = tl.load(B + cols[:, None] * stride_bm + offs_d[None, :] * stride_bd,
                     mask=col_ok[:, None] & (offs_d < D)[None, :], other=0.0)
         if CAST_F32:
-            k = k.to(tl.float32)
-        acc = tl.dot(q, tl.trans(k), input_precision=PREC)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, tl.trans(b), input_precision=PREC)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        k = tl.zeros((BLOCK_N, BLOCK_D), dtype=q.dtype)
+        b = tl.zeros((BLOCK_N, BLOCK_D), dtype=a.dtype)
         for c in range(D_CHUNKS):
             d = c * BLOCK_D + offs_d
             d_ok = d < D
-            qc = tl.load(U + rows[:, None] * stride_um + d[None, :] * stride_ud,
+            ac = tl.load(A + rows[:, None] * stride_am + d[None, :] * stride_ad,
                          mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-            k = tl.load(U + cols[:, None] * stride_um + d[None, :] * stride_ud,
+            b = tl.load(B + cols[:, None] * stride_bm + d[None, :] * stride_bd,
                         mask=col_ok[:, None] & d_ok[None, :], other=0.0)
             if CAST_F32:
-                qc = qc.to(tl.float32)
-                k = k.to(tl.float32)
-            acc = tl.dot(qc, tl.trans(k), acc, input_precision=PREC)
-    return acc, k
+                ac = ac.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(ac, tl.trans(b), acc, input_precision=PREC)
+    return acc, b
+
+
+@triton.jit
+def _sim_tile(U, stride_um, stride_ud, rows, row_ok, cols, col_ok, q, D,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+              D_CHUNKS: tl.constexpr, CAST_F32: tl.constexpr, PREC: tl.constexpr):
+    """u_rows · u_colsᵀ: `_dot_tile` of U with itself."""
+    return _dot_tile(U, stride_um, stride_ud, rows, row_ok, U, stride_um, stride_ud, cols, col_ok, q, D,
+                     BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS, CAST_F32, PREC)
 
 
 @triton.autotune(configs=_FWD_CONFIGS, key=["M_KEY", "D"])
