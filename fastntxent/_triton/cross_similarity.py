@@ -56,6 +56,7 @@ from .self_similarity import (
     _dot_tile,
     _interpreting,
     _m_key,
+    _online_update,
     _precision,
     _sm_count,
     get_fp32_precision,
@@ -103,27 +104,6 @@ def _load_rows(A, stride_am, stride_ad, rows, row_ok, D,
         else:
             a = tl.zeros((BLOCK_M, BLOCK_D), dtype=A.dtype.element_ty)
     return a
-
-
-@triton.jit
-def _online_update(m_i, l_i, ps_i, best, best_pos, s, col_ok, is_pos, local, BLOCK_N: tl.constexpr):
-    """One column tile of logits s into the running row state (logsumexp, Σ P·s, top-1)."""
-    neg_inf = float("-inf")
-    s_m = tl.where(col_ok[None, :], s, neg_inf)
-    t_max = tl.max(s_m, 1)
-    # top-1: first column of the tile reaching the tile max; a later tile must beat it.
-    first = tl.min(tl.where(s_m == t_max[:, None], local[None, :], BLOCK_N), 1)
-    t_pos = tl.max(tl.where(is_pos & (local[None, :] == first[:, None]), 1.0, 0.0), 1)
-    better = t_max > best
-    best_pos = tl.where(better, t_pos, best_pos)
-    best = tl.where(better, t_max, best)
-    m_new = tl.maximum(m_i, t_max)
-    m_use = tl.where(m_new == neg_inf, 0.0, m_new)
-    alpha = tl.exp2((m_i - m_use) * 1.4426950408889634)
-    p = tl.exp2((s_m - m_use[:, None]) * 1.4426950408889634)  # masked entries: exp2(−inf) = 0
-    l_i = l_i * alpha + tl.sum(p, 1)
-    ps_i = ps_i * alpha + tl.sum(p * tl.where(col_ok[None, :], s, 0.0), 1)
-    return m_new, l_i, ps_i, best, best_pos
 
 
 @triton.autotune(configs=_FWD_CONFIGS, key=["M_KEY", "C_KEY", "D"])
@@ -193,7 +173,7 @@ def _cross_fwd_kernel(
             s = dots * scale
             pos += tl.sum(tl.where(is_pos, s, 0.0), 1)
             m_i, l_i, ps_i, best, best_pos = _online_update(m_i, l_i, ps_i, best, best_pos, s,
-                                                            col_ok, is_pos, local, BLOCK_N)
+                                                            col_ok[None, :], is_pos, local, BLOCK_N)
     if HAS_QUEUE:
         for t in range(tl.maximum(t_start, n_kt), t_stop):
             cols = (t - n_kt) * BLOCK_N + local64
@@ -202,7 +182,7 @@ def _cross_fwd_kernel(
                                  q, D, BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS, CAST_F32, PREC)
             no_pos = local[None, :] < 0
             m_i, l_i, ps_i, best, best_pos = _online_update(m_i, l_i, ps_i, best, best_pos, dots * scale,
-                                                            col_ok, no_pos, local, BLOCK_N)
+                                                            col_ok[None, :], no_pos, local, BLOCK_N)
 
     if SPLIT and IN_BATCH:  # the positive's tile may lie in any split: partial sums
         tl.store(W + 5 * n_split.to(tl.int64) * M + pid_s.to(tl.int64) * M + rows, pos, mask=row_ok)

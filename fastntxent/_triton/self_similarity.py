@@ -150,6 +150,28 @@ def _dot_tile(A, stride_am, stride_ad, rows, row_ok, B, stride_bm, stride_bd, co
 
 
 @triton.jit
+def _online_update(m_i, l_i, ps_i, best, best_pos, s, valid, is_pos, local, BLOCK_N: tl.constexpr):
+    """One column tile of logits s (BLOCK_M, BLOCK_N) — entries where `valid` — into the running
+    row state: max-subtracted logsumexp (exp2 domain), Σ P·s and top-1 (whether the first
+    column reaching the row max is a positive; a later tile must beat it strictly)."""
+    neg_inf = float("-inf")
+    s_m = tl.where(valid, s, neg_inf)
+    t_max = tl.max(s_m, 1)
+    first = tl.min(tl.where(s_m == t_max[:, None], local[None, :], BLOCK_N), 1)
+    t_pos = tl.max(tl.where(is_pos & (local[None, :] == first[:, None]), 1.0, 0.0), 1)
+    better = t_max > best
+    best_pos = tl.where(better, t_pos, best_pos)
+    best = tl.where(better, t_max, best)
+    m_new = tl.maximum(m_i, t_max)
+    m_use = tl.where(m_new == neg_inf, 0.0, m_new)
+    alpha = tl.exp2((m_i - m_use) * 1.4426950408889634)
+    p = tl.exp2((s_m - m_use[:, None]) * 1.4426950408889634)  # masked entries: exp2(−inf) = 0
+    l_i = l_i * alpha + tl.sum(p, 1)
+    ps_i = ps_i * alpha + tl.sum(p * tl.where(valid, s, 0.0), 1)
+    return m_new, l_i, ps_i, best, best_pos
+
+
+@triton.jit
 def _sim_tile(U, stride_um, stride_ud, rows, row_ok, cols, col_ok, q, D,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
               D_CHUNKS: tl.constexpr, CAST_F32: tl.constexpr, PREC: tl.constexpr):
@@ -221,24 +243,10 @@ def _self_fwd_kernel(
             lab_c = cols % period
         pos = valid & (lab_r[:, None] == lab_c[None, :])
 
-        s_m = tl.where(valid, s, neg_inf)
-        t_max = tl.max(s_m, 1)
-        # top-1: first column of the tile reaching the tile max; a later tile must beat it.
-        first = tl.min(tl.where(s_m == t_max[:, None], local[None, :], BLOCK_N), 1)
-        t_pos = tl.max(tl.where(pos & (local[None, :] == first[:, None]), 1.0, 0.0), 1)
-        better = t_max > best
-        best_pos = tl.where(better, t_pos, best_pos)
-        best = tl.where(better, t_max, best)
-
-        m_new = tl.maximum(m_i, t_max)
-        m_use = tl.where(m_new == neg_inf, 0.0, m_new)
-        alpha = tl.exp2((m_i - m_use) * 1.4426950408889634)
-        p = tl.exp2((s_m - m_use[:, None]) * 1.4426950408889634)  # masked entries: exp2(−inf) = 0
-        l_i = l_i * alpha + tl.sum(p, 1)
-        ps_i = ps_i * alpha + tl.sum(p * tl.where(valid, s, 0.0), 1)
+        m_i, l_i, ps_i, best, best_pos = _online_update(m_i, l_i, ps_i, best, best_pos, s, valid, pos,
+                                                        local, BLOCK_N)
         pos_i += tl.sum(tl.where(pos, s, 0.0), 1)
         cnt_i += tl.sum(pos.to(tl.float32), 1)
-        m_i = m_new
 
     if SPLIT:
         base = W + pid_s.to(tl.int64) * M + rows
