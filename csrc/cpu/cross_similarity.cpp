@@ -279,16 +279,12 @@ std::tuple<at::Tensor, at::Tensor> cross_backward_cpu(
   at::NoGradGuard no_grad;
   const CrossInputs in = prepare_cross(q, k, queue, scale, pos_offset, in_batch);
   const int64_t M = q.size(0);
-  for (const at::Tensor* t : {&lse, &grad_lse, &grad_pos}) {
-    TORCH_CHECK(t->dim() == 1 && t->size(0) == M, "fastntxent: row statistics must have shape (M,)");
-  }
   const auto acc = in.q.scalar_type();
-  const at::Tensor lse_c = lse.to(acc).contiguous(), a = grad_lse.to(acc).contiguous(),
-                   b = grad_pos.to(acc).contiguous();
+  const cpu::RowInputs rows = cpu::row_inputs(lse, grad_lse, grad_pos, M, acc);
   at::Tensor grad_q = poisoned(in.q.sizes(), in.q.options());
   at::Tensor grad_k = need_grad_k ? poisoned(in.k.sizes(), in.k.options()) : at::zeros_like(in.k);
   AT_DISPATCH_FLOATING_TYPES(acc, "cross_backward_cpu", [&] {
-    cross_backward_impl<scalar_t>(in, lse_c.data_ptr<scalar_t>(), a.data_ptr<scalar_t>(), b.data_ptr<scalar_t>(),
+    cross_backward_impl<scalar_t>(in, rows.lse.data_ptr<scalar_t>(), rows.a.data_ptr<scalar_t>(), rows.b.data_ptr<scalar_t>(),
                                   grad_q, need_grad_k ? &grad_k : nullptr);
   });
   return {grad_q.to(q.scalar_type()), grad_k.to(k.scalar_type())};

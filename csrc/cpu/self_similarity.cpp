@@ -193,16 +193,12 @@ at::Tensor self_backward_cpu(const at::Tensor& u, const at::Tensor& temperature,
   at::NoGradGuard no_grad;
   const Inputs in = prepare(u, temperature, labels, period);
   const int64_t M = u.size(0);
-  for (const at::Tensor* t : {&lse, &grad_lse, &grad_pos}) {
-    TORCH_CHECK(t->dim() == 1 && t->size(0) == M, "fastntxent: row statistics must have shape (M,)");
-  }
   const auto acc = in.u.scalar_type();
-  const at::Tensor lse_c = lse.to(acc).contiguous(), a = grad_lse.to(acc).contiguous(),
-                   b = grad_pos.to(acc).contiguous();
+  const cpu::RowInputs rows = cpu::row_inputs(lse, grad_lse, grad_pos, M, acc);
   at::Tensor grad = poisoned(in.u.sizes(), in.u.options());
   AT_DISPATCH_FLOATING_TYPES(acc, "self_backward_cpu", [&] {
-    backward_impl<scalar_t>(in, lse_c.data_ptr<scalar_t>(), a.data_ptr<scalar_t>(),
-                            b.data_ptr<scalar_t>(), grad);
+    backward_impl<scalar_t>(in, rows.lse.data_ptr<scalar_t>(), rows.a.data_ptr<scalar_t>(),
+                            rows.b.data_ptr<scalar_t>(), grad);
   });
   return grad.to(u.scalar_type());
 }

@@ -42,5 +42,19 @@ inline at::Tensor poisoned(at::IntArrayRef shape, const at::TensorOptions& optio
   return at::full(shape, std::numeric_limits<double>::quiet_NaN(), options);
 }
 
+// A backward operator's row inputs (lse, grad_lse, grad_pos): each (M,), as contiguous
+// tensors of the accumulation dtype.
+struct RowInputs {
+  at::Tensor lse, a, b;
+};
+
+inline RowInputs row_inputs(const at::Tensor& lse, const at::Tensor& grad_lse, const at::Tensor& grad_pos,
+                            int64_t M, at::ScalarType acc) {
+  for (const at::Tensor* t : {&lse, &grad_lse, &grad_pos}) {
+    TORCH_CHECK(t->dim() == 1 && t->size(0) == M, "fastntxent: row statistics must have shape (M,)");
+  }
+  return {lse.to(acc).contiguous(), grad_lse.to(acc).contiguous(), grad_pos.to(acc).contiguous()};
+}
+
 }  // namespace cpu
 }  // namespace fastntxent
