@@ -55,6 +55,7 @@ from .self_similarity import (
     _d_blocks,
     _dot_tile,
     _interpreting,
+    _load_rows,
     _m_key,
     _online_update,
     _precision,
@@ -86,24 +87,6 @@ def _row_dot(A, stride_am, stride_ad, rows, B, stride_bm, stride_bd, brows, ok, 
         y = tl.load(B + brows[:, None] * stride_bm + d[None, :] * stride_bd, mask=m, other=0.0).to(tl.float32)
         acc += tl.sum(x * y, 1)
     return acc
-
-
-@triton.jit
-def _load_rows(A, stride_am, stride_ad, rows, row_ok, D,
-               BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, D_CHUNKS: tl.constexpr, CAST_F32: tl.constexpr):
-    """A[rows] (one D chunk) or a zero placeholder of the operand dtype (several chunks)."""
-    offs_d = tl.arange(0, BLOCK_D)
-    if D_CHUNKS == 1:
-        a = tl.load(A + rows[:, None] * stride_am + offs_d[None, :] * stride_ad,
-                    mask=row_ok[:, None] & (offs_d < D)[None, :], other=0.0)
-        if CAST_F32:
-            a = a.to(tl.float32)
-    else:
-        if CAST_F32:
-            a = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-        else:
-            a = tl.zeros((BLOCK_M, BLOCK_D), dtype=A.dtype.element_ty)
-    return a
 
 
 @triton.autotune(configs=_FWD_CONFIGS, key=["M_KEY", "C_KEY", "D"])

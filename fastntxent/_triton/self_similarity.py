@@ -172,6 +172,24 @@ def _online_update(m_i, l_i, ps_i, best, best_pos, s, valid, is_pos, local, BLOC
 
 
 @triton.jit
+def _load_rows(A, stride_am, stride_ad, rows, row_ok, D,
+               BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, D_CHUNKS: tl.constexpr, CAST_F32: tl.constexpr):
+    """A[rows] (one D chunk) or a zero placeholder of the operand dtype (several chunks)."""
+    offs_d = tl.arange(0, BLOCK_D)
+    if D_CHUNKS == 1:
+        a = tl.load(A + rows[:, None] * stride_am + offs_d[None, :] * stride_ad,
+                    mask=row_ok[:, None] & (offs_d < D)[None, :], other=0.0)
+        if CAST_F32:
+            a = a.to(tl.float32)
+    else:
+        if CAST_F32:
+            a = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+        else:
+            a = tl.zeros((BLOCK_M, BLOCK_D), dtype=A.dtype.element_ty)
+    return a
+
+
+@triton.jit
 def _sim_tile(U, stride_um, stride_ud, rows, row_ok, cols, col_ok, q, D,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
               D_CHUNKS: tl.constexpr, CAST_F32: tl.constexpr, PREC: tl.constexpr):
@@ -202,17 +220,7 @@ def _self_fwd_kernel(
     else:
         lab_r = rows % period
 
-    offs_d = tl.arange(0, BLOCK_D)
-    if D_CHUNKS == 1:
-        q = tl.load(U + rows[:, None] * stride_um + offs_d[None, :] * stride_ud,
-                    mask=row_ok[:, None] & (offs_d < D)[None, :], other=0.0)
-        if CAST_F32:
-            q = q.to(tl.float32)
-    else:
-        if CAST_F32:
-            q = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-        else:
-            q = tl.zeros((BLOCK_M, BLOCK_D), dtype=U.dtype.element_ty)
+    q = _load_rows(U, stride_um, stride_ud, rows, row_ok, D, BLOCK_M, BLOCK_D, D_CHUNKS, CAST_F32)
 
     n_tiles = tl.cdiv(M, BLOCK_N)
     per_split = tl.cdiv(n_tiles, n_split)
@@ -297,19 +305,9 @@ def _self_bwd_kernel(
     # A row whose weight is 0 contributes no term: +inf makes its exp2 exactly 0 (no 0·inf).
     lse_r = tl.where(use_r, lse_r, float("inf"))
 
-    offs_d = tl.arange(0, BLOCK_D)
     d_out = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
     dout_ok = d_out < D
-    if D_CHUNKS == 1:
-        q = tl.load(U + rows[:, None] * stride_um + offs_d[None, :] * stride_ud,
-                    mask=row_ok[:, None] & (offs_d < D)[None, :], other=0.0)
-        if CAST_F32:
-            q = q.to(tl.float32)
-    else:
-        if CAST_F32:
-            q = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-        else:
-            q = tl.zeros((BLOCK_M, BLOCK_D), dtype=U.dtype.element_ty)
+    q = _load_rows(U, stride_um, stride_ud, rows, row_ok, D, BLOCK_M, BLOCK_D, D_CHUNKS, CAST_F32)
 
     n_tiles = tl.cdiv(M, BLOCK_N)
     per_split = tl.cdiv(n_tiles, n_split)
