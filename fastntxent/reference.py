@@ -87,10 +87,13 @@ def cross_similarity_rows(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor 
     the positive key only; then the queue. Returns (lse, pos, ps_sum, top1), each (M,)."""
     M = q.shape[0]
     idx = torch.arange(M, device=q.device) + pos_offset
-    pos = (q * k[idx]).sum(1) * scale
     if in_batch:
-        parts, target = [(q @ k.T) * scale], idx
+        keys = (q @ k.T) * scale
+        # The positive is the matrix's own entry: lse >= pos, and one column gives exactly 0.
+        pos = keys.gather(1, idx[:, None]).squeeze(1)
+        parts, target = [keys], idx
     else:
+        pos = (q * k[idx]).sum(1) * scale
         parts, target = [pos[:, None]], torch.zeros_like(idx)
     if queue is not None:
         parts.append((q @ queue.T.to(q.dtype)) * scale)

@@ -131,9 +131,12 @@ void cross_forward_impl(const CrossInputs& in, acc_t* lse, acc_t* pos, acc_t* ps
     std::vector<RowState<acc_t>> st(nr, RowState<acc_t>{neg_inf, 0, 0, neg_inf, false});
     for (int64_t r = 0; r < nr; ++r) {
       const int64_t i = r0 + r;
-      pos[i] = sc * dot(qp + i * D, kp + (i + in.offset) * D, D);
-      // Without in-batch keys the positive is column 0, ahead of the queue.
-      if (!in.in_batch) st[r] = RowState<acc_t>{pos[i], 1, pos[i], pos[i], true};
+      // Without in-batch keys the positive is column 0, ahead of the queue (with them, the
+      // sweep over k reads it from its tile).
+      if (!in.in_batch) {
+        pos[i] = sc * dot(qp + i * D, kp + (i + in.offset) * D, D);
+        st[r] = RowState<acc_t>{pos[i], 1, pos[i], pos[i], true};
+      }
     }
     const auto sweep = [&](const at::Tensor& cols, bool has_pos) {
       const int64_t n = cols.size(0);
@@ -144,7 +147,11 @@ void cross_forward_impl(const CrossInputs& in, acc_t* lse, acc_t* pos, acc_t* ps
           acc_t* s = buf.data() + r * nc;
           for (int64_t c = 0; c < nc; ++c) s[c] *= sc;
           const int64_t pc = has_pos ? r0 + r + in.offset - c0 : -1;
-          update_row(st[r], s, nc, (pc >= 0 && pc < nc) ? pc : -1);
+          const bool pos_here = pc >= 0 && pc < nc;
+          // In-batch keys: the positive logit is the tile's own entry (the rounding of the lse
+          // terms, so that lse >= pos and a single column gives a loss of exactly 0).
+          if (pos_here) pos[r0 + r] = s[pc];
+          update_row(st[r], s, nc, pos_here ? pc : -1);
         }
       }
     };

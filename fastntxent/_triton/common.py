@@ -1,0 +1,188 @@
+"""Host-side pieces shared by the Triton launchers of both loss families.
+
+- fp32 precision state (`set_fp32_precision` / `get_fp32_precision`);
+- `kernel_flags`: what a device and dtype compile to (operand upcast, `tl.dot` precision,
+  the backward's H·U operand type, the D tiling), including GPUs older than sm_80;
+- `device_guard`: launch on the inputs' GPU (Triton launches on the *current* device);
+- `num_splits`: column splits that fill the SMs (flash-decoding), `merge_splits` to combine
+  their partial states;
+- `poisoned`: NaN-filled outputs, so that an element a kernel fails to write shows up.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+from typing import NamedTuple, Optional
+
+import torch
+import triton
+
+from .tiles import INTERPRETING, d_blocks
+
+__all__ = ["set_fp32_precision", "get_fp32_precision"]
+
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+PRECISIONS = ("tf32", "tf32x3", "ieee")
+# Oldest GPU the Triton kernels run on; sm_75 (Turing) has fp16 tensor cores only, so bf16
+# inputs are upcast to fp32 there and fp32 products are exact ("ieee": no tf32 before sm_80).
+MIN_CAPABILITY = (7, 5)
+TENSOR_CORE_BF16 = (8, 0)
+
+_fp32_precision: Optional[str] = os.environ.get("FASTNTXENT_TRITON_FP32_PRECISION", "").lower() or None
+if _fp32_precision not in PRECISIONS:
+    _fp32_precision = None  # follow torch.get_float32_matmul_precision()
+
+
+def set_fp32_precision(precision: Optional[str]) -> None:
+    """How fp32 inputs use the tensor cores: "tf32", "tf32x3", "ieee" (exact fp32), or None to
+    follow torch.get_float32_matmul_precision() (the default: "highest" → "ieee", "high" /
+    "medium" → "tf32", as torch.matmul does)."""
+    global _fp32_precision
+    if precision is None:
+        _fp32_precision = None
+        return
+    p = precision.lower()
+    if p not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS} or None, got {precision!r}")
+    _fp32_precision = p
+
+
+def get_fp32_precision() -> str:
+    """The precision fp32 products use now."""
+    if _fp32_precision is not None:
+        return _fp32_precision
+    return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def device_capability(device: torch.device) -> Optional[tuple[int, int]]:
+    """(major, minor) of a CUDA device; None for CPU tensors (the interpreter)."""
+    if device.type != "cuda":
+        return None
+    return _capability(device.index if device.index is not None else torch.cuda.current_device())
+
+
+class KernelFlags(NamedTuple):
+    cast_f32: bool   # upcast operands to fp32 after the load
+    prec: str        # tl.dot input_precision for fp32 operands
+    h_bf16: bool     # backward: H and the column rows in bf16 (fp16 inputs: H underflows fp16)
+    block_d: int
+    d_chunks: int
+    block_do: int
+
+
+def kernel_flags(dtype: torch.dtype, D: int, capability: Optional[tuple[int, int]]) -> KernelFlags:
+    """Compile-time flags for inputs of `dtype` and width D on a GPU of `capability` (None:
+    the interpreter, which needs every operand in fp32 and has no tf32)."""
+    if capability is None:
+        cast, prec, h_bf16 = INTERPRETING or interpreting(), "ieee", False
+        if dtype == torch.float32:
+            prec = get_fp32_precision()
+    elif capability < TENSOR_CORE_BF16:
+        # sm_75: no bf16 MMA and no tf32: bf16 and fp16 operands go through exact fp32
+        # products (fp16 keeps its own operands in the forward would need a second code path
+        # for the backward's bf16 H; one fp32 path is simpler and exact).
+        cast, prec, h_bf16 = dtype != torch.float32, "ieee", False
+    else:
+        cast = False
+        prec = get_fp32_precision() if dtype == torch.float32 else "tf32"
+        h_bf16 = dtype == torch.float16
+    block_d, d_chunks, block_do = d_blocks(D, fp32=cast or dtype == torch.float32)
+    return KernelFlags(cast, prec, h_bf16, block_d, d_chunks, block_do)
+
+
+def check_device(device: torch.device) -> None:
+    """The Triton kernels' own invariant on the device: CUDA at sm_75+, or the interpreter."""
+    if device.type == "cpu":
+        if not interpreting():
+            raise ValueError(
+                "fastntxent triton kernels on CPU tensors run only under the Triton interpreter "
+                "(TRITON_INTERPRET=1 set before importing triton); use CUDA tensors"
+            )
+        return
+    if device.type != "cuda":
+        raise ValueError(f"fastntxent triton: inputs must be CUDA tensors, got {device}")
+    cap = device_capability(device)
+    if cap < MIN_CAPABILITY:
+        raise ValueError(
+            f"fastntxent triton kernels need a GPU of compute capability >= 7.5, {device} has "
+            f"{cap[0]}.{cap[1]}; use backend=\"reference\""
+        )
+
+
+def device_guard(device: torch.device):
+    """Context that makes `device` the current CUDA device for the launch (Triton launches on
+    the current device and its current stream; without this, inputs on cuda:1 while cuda:0 is
+    current would run on the wrong GPU)."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    return torch.cuda.device(device)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def num_splits(rows: int, cols: int, device: torch.device, cap: int, forced: Optional[int]) -> int:
+    """Column splits so that the programs of the row blocks fill the GPU's SMs (flash-decoding).
+
+    With rb 128-row blocks and S splits each program does 1/S of a row block's work and the
+    run takes about ceil(rb·S / SMs) waves: pick the S ≤ cap minimising waves/S, with a small
+    charge per split for the merge; each split keeps at least 4 column tiles of 64. `forced`
+    (tests) overrides; CPU tensors (the interpreter) use one split."""
+    if forced is not None:
+        return max(1, int(forced))
+    if device.type != "cuda" or cols <= 0:
+        return 1
+    n_sm = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    rb = triton.cdiv(rows, 128)
+    if rb >= n_sm:
+        return 1
+    cap = max(1, min(cap, cols // 256))
+    return min(range(1, cap + 1), key=lambda S: triton.cdiv(rb * S, n_sm) / S * (1 + 0.03 * (S - 1)))
+
+
+def m_key(M: int) -> int:
+    """Autotune key of a row or column count: its power-of-two class."""
+    return triton.next_power_of_2(max(M, 1))
+
+
+def poisoned(shape, device, dtype=torch.float32) -> torch.Tensor:
+    """NaN-filled output: an element that no program writes cannot pass as a number."""
+    shape = (shape,) if isinstance(shape, int) else tuple(shape)
+    return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+
+def merge_splits(m, l, ps, best, best_pos, lse, ps_sum, top1) -> None:
+    """Combine the partial row states of the column splits (each (splits, M)) into `lse`,
+    `ps_sum`, `top1` (each (M,)), in place: O(splits·M). A row with no column at all gets
+    lse = −inf and ps_sum = 0; top1 comes from the first split reaching the maximum (the
+    first column wins ties, as within a split)."""
+    m_max = m.max(0).values
+    m_use = torch.where(torch.isinf(m_max), torch.zeros_like(m_max), m_max)
+    w = torch.exp(m - m_use)  # exp(−inf) = 0 for splits without any column
+    l_tot = (l * w).sum(0)
+    ps_tot = (ps * w).sum(0)
+    has = l_tot > 0
+    l_safe = torch.where(has, l_tot, torch.ones_like(l_tot))
+    torch.where(has, m_use + torch.log(l_safe), torch.full_like(l_tot, float("-inf")), out=lse)
+    torch.where(has, ps_tot / l_safe, torch.zeros_like(l_tot), out=ps_sum)
+    first = best.argmax(0, keepdim=True)
+    top1.copy_(best_pos.gather(0, first).squeeze(0))
+
+
+def check_grid(grid: tuple) -> None:
+    """CUDA grid limits: x < 2³¹, y and z ≤ 65 535 (a clear error, not a launch failure)."""
+    x, *yz = grid
+    if x >= 2**31 or any(g > 65535 for g in yz):
+        raise ValueError(f"fastntxent triton: launch grid {grid} exceeds the CUDA limits")

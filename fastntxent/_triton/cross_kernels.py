@@ -1,0 +1,279 @@
+"""Triton kernels of the cross-similarity family (MoCo InfoNCE, CLIP; docs/maths.md).
+
+Pure Triton (see tiles.py): compiled ahead of time by .ci/compile_triton.py; launched by
+cross_similarity.py, which documents the operators.
+
+Rows are the queries q (M, D); the columns of row i are every key k_j (N rows) when
+`IN_BATCH`, else only the positive key k_{i+OFF}; then every queue entry (NQ rows).
+Logits s_ic = scale · (q_i · c).
+
+Forward (`cross_fwd_kernel`): one program per (row block, column split) over the key tiles
+(in-batch) then the queue tiles: online logsumexp, Σ P·s, top-1. With in-batch keys the
+positive logit is read from the tile holding it (the rounding of the lse terms, so lse ≥ pos);
+without, it is an elementwise fp32 row dot and, as column 0, the starting state of split 0.
+
+Backward, for L = Σ_i a_i·lse_i + b_i·pos_i, G_ic = a_i P_ic + b_i [c = positive of i]:
+  `cross_bwd_q_kernel`  ∂L/∂q_i = scale · Σ_c G_ic c over the key and queue tiles; without
+                        in-batch keys it also writes ∂L/∂k_{i+OFF} = scale·G_i,pos·q_i;
+  `cross_bwd_k_kernel`  ∂L/∂k_j = scale · Σ_i G_ij q_i (in-batch), over the tiles of q.
+Every output element is written by one program: no atomics, deterministic.
+"""
+import triton
+import triton.language as tl
+
+from .tiles import BWD_CONFIGS, FWD_CONFIGS, dot_tile, load_rows, online_update, row_dot, split_range
+
+
+@triton.autotune(configs=FWD_CONFIGS, key=["M_KEY", "C_KEY", "D", "PREC", "IN_BATCH", "HAS_QUEUE", "SPLIT"])
+@triton.jit
+def cross_fwd_kernel(
+    Q, stride_qm, stride_qd, K, stride_km, stride_kd, QU, stride_um, stride_ud,
+    SCALE, M, N, NQ, D, OFF, M_KEY, C_KEY,
+    LSE, POS, PS_SUM, TOP1,                # final outputs (POS always; the rest with one split)
+    W,                                     # (6, splits, M) partial states (several splits)
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    D_CHUNKS: tl.constexpr, IN_BATCH: tl.constexpr, HAS_QUEUE: tl.constexpr, SPLIT: tl.constexpr,
+    CAST_F32: tl.constexpr, PREC: tl.constexpr,
+):
+    pid_m = tl.program_id(0).to(tl.int64)
+    pid_s = tl.program_id(1)
+    n_split = tl.num_programs(1)
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    row_ok = rows < M
+    prow = rows + OFF  # the positive key of each row
+    scale = tl.load(SCALE).to(tl.float32)
+    q = load_rows(Q, stride_qm, stride_qd, rows, row_ok, D, BLOCK_M, BLOCK_D, D_CHUNKS, CAST_F32)
+
+    if IN_BATCH:
+        n_kt = tl.cdiv(N, BLOCK_N)
+    else:
+        n_kt = 0
+    if HAS_QUEUE:
+        n_qt = tl.cdiv(NQ, BLOCK_N)
+    else:
+        n_qt = 0
+    t_start, t_stop = split_range(n_kt + n_qt, pid_s, n_split)
+
+    # The positive logit: with in-batch keys taken from the tile that holds it (the same
+    # rounding as the logsumexp terms, so lse ≥ pos); else an fp32 row dot.
+    pos = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    if not IN_BATCH:
+        pos = scale * row_dot(Q, stride_qm, stride_qd, rows, K, stride_km, stride_kd, prow, row_ok, D,
+                               BLOCK_M, BLOCK_D, D_CHUNKS)
+    neg_inf = float("-inf")
+    m_i = tl.full((BLOCK_M,), neg_inf, dtype=tl.float32)   # running max of s
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)           # Σ exp(s − m)
+    ps_i = tl.zeros((BLOCK_M,), dtype=tl.float32)          # Σ exp(s − m)·s
+    best = tl.full((BLOCK_M,), neg_inf, dtype=tl.float32)  # largest logit so far
+    best_pos = tl.zeros((BLOCK_M,), dtype=tl.float32)      # is that argmax the positive
+    if not IN_BATCH:
+        # The positive alone is column 0, ahead of the queue: split 0 starts from it.
+        first_split = pid_s == 0
+        m_i = tl.where(first_split, pos, m_i)
+        l_i = tl.where(first_split, 1.0, l_i)
+        ps_i = tl.where(first_split, pos, ps_i)
+        best = tl.where(first_split, pos, best)
+        best_pos = tl.where(first_split, 1.0, best_pos)
+
+    local = tl.arange(0, BLOCK_N)
+    local64 = local.to(tl.int64)
+    if IN_BATCH:
+        for t in range(t_start, tl.minimum(t_stop, n_kt)):
+            cols = t * BLOCK_N + local64
+            col_ok = cols < N
+            dots, _b = dot_tile(Q, stride_qm, stride_qd, rows, row_ok, K, stride_km, stride_kd, cols, col_ok,
+                                 q, D, BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS, CAST_F32, PREC)
+            is_pos = prow[:, None] == cols[None, :]
+            s = dots * scale
+            pos += tl.sum(tl.where(is_pos, s, 0.0), 1)
+            m_i, l_i, ps_i, best, best_pos = online_update(m_i, l_i, ps_i, best, best_pos, s,
+                                                            col_ok[None, :], is_pos, local, BLOCK_N)
+    if HAS_QUEUE:
+        for t in range(tl.maximum(t_start, n_kt), t_stop):
+            cols = (t - n_kt) * BLOCK_N + local64
+            col_ok = cols < NQ
+            dots, _b = dot_tile(Q, stride_qm, stride_qd, rows, row_ok, QU, stride_um, stride_ud, cols, col_ok,
+                                 q, D, BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS, CAST_F32, PREC)
+            no_pos = local[None, :] < 0
+            m_i, l_i, ps_i, best, best_pos = online_update(m_i, l_i, ps_i, best, best_pos, dots * scale,
+                                                            col_ok[None, :], no_pos, local, BLOCK_N)
+
+    if SPLIT and IN_BATCH:  # the positive's tile may lie in any split: partial sums
+        tl.store(W + 5 * n_split.to(tl.int64) * M + pid_s.to(tl.int64) * M + rows, pos, mask=row_ok)
+    else:
+        tl.store(POS + rows, pos, mask=row_ok & (pid_s == 0))
+    if SPLIT:
+        base = W + pid_s.to(tl.int64) * M + rows
+        stride_k = n_split.to(tl.int64) * M
+        tl.store(base, m_i, mask=row_ok)
+        tl.store(base + stride_k, l_i, mask=row_ok)
+        tl.store(base + 2 * stride_k, ps_i, mask=row_ok)
+        tl.store(base + 3 * stride_k, best, mask=row_ok)
+        tl.store(base + 4 * stride_k, best_pos, mask=row_ok)
+    else:
+        l_safe = tl.where(l_i > 0.0, l_i, 1.0)  # every row has a column; guards masked rows
+        tl.store(LSE + rows, m_i + tl.log(l_safe), mask=row_ok)
+        tl.store(PS_SUM + rows, ps_i / l_safe, mask=row_ok)
+        tl.store(TOP1 + rows, best_pos, mask=row_ok)
+
+
+@triton.jit
+def grad_acc(acc, dots, scale, lse_r, a_r, use_r, col_ok, extra, b, H_BF16: tl.constexpr, PREC: tl.constexpr):
+    """acc += (a_r·exp(s − lse_r) + extra) · b for one tile; rows with a = 0 add no exp term.
+    s ≤ lse for every real entry; the clamp only keeps rounding from overflowing exp2."""
+    s = dots * scale
+    h = tl.where(col_ok[None, :] & use_r[:, None],
+                 a_r[:, None] * tl.exp2(tl.minimum(s - lse_r[:, None], 0.0) * 1.4426950408889634), 0.0)
+    h += extra
+    if H_BF16:
+        acc = tl.dot(h.to(tl.bfloat16), b.to(tl.bfloat16), acc)
+    else:
+        acc = tl.dot(h.to(b.dtype), b, acc, input_precision=PREC)
+    return acc
+
+
+@triton.autotune(configs=BWD_CONFIGS, key=["M_KEY", "C_KEY", "D", "PREC", "IN_BATCH", "HAS_QUEUE"])
+@triton.jit
+def cross_bwd_q_kernel(
+    Q, stride_qm, stride_qd, K, stride_km, stride_kd, QU, stride_um, stride_ud,
+    SCALE, LSE, GA, GB, M, N, NQ, D, OFF, M_KEY, C_KEY,
+    G, stride_gs, stride_gm,               # ∂q: G[split, row, d] (stride_gs = 0: one split)
+    GK, stride_gkm,                        # ∂k when not in_batch (WRITE_GK): rows i + OFF
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr,
+    D_CHUNKS: tl.constexpr, IN_BATCH: tl.constexpr, HAS_QUEUE: tl.constexpr, WRITE_GK: tl.constexpr,
+    CAST_F32: tl.constexpr, PREC: tl.constexpr, H_BF16: tl.constexpr,
+):
+    pid_m = tl.program_id(0).to(tl.int64)
+    pid_s = tl.program_id(1)
+    pid_d = tl.program_id(2)
+    n_split = tl.num_programs(1)
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    row_ok = rows < M
+    prow = rows + OFF
+    scale = tl.load(SCALE).to(tl.float32)
+    a_r = tl.load(GA + rows, mask=row_ok, other=0.0)
+    b_r = tl.load(GB + rows, mask=row_ok, other=0.0)
+    lse_r = tl.load(LSE + rows, mask=row_ok, other=0.0)
+    use_r = a_r != 0.0
+    # A row whose weight is 0 contributes no exp term: +inf makes its exp2 exactly 0.
+    lse_r = tl.where(use_r, lse_r, float("inf"))
+
+    d_out = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
+    dout_ok = d_out < D
+    q = load_rows(Q, stride_qm, stride_qd, rows, row_ok, D, BLOCK_M, BLOCK_D, D_CHUNKS, CAST_F32)
+
+    if IN_BATCH:
+        n_kt = tl.cdiv(N, BLOCK_N)
+    else:
+        n_kt = 0
+    if HAS_QUEUE:
+        n_qt = tl.cdiv(NQ, BLOCK_N)
+    else:
+        n_qt = 0
+    t_start, t_stop = split_range(n_kt + n_qt, pid_s, n_split)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_DO), dtype=tl.float32)
+    local = tl.arange(0, BLOCK_N).to(tl.int64)
+    if IN_BATCH:
+        for t in range(t_start, tl.minimum(t_stop, n_kt)):
+            cols = t * BLOCK_N + local
+            col_ok = cols < N
+            dots, b = dot_tile(Q, stride_qm, stride_qd, rows, row_ok, K, stride_km, stride_kd, cols, col_ok,
+                                q, D, BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS, CAST_F32, PREC)
+            if D_CHUNKS != 1:
+                b = tl.load(K + cols[:, None] * stride_km + d_out[None, :] * stride_kd,
+                            mask=col_ok[:, None] & dout_ok[None, :], other=0.0)
+                if CAST_F32:
+                    b = b.to(tl.float32)
+            extra = tl.where(prow[:, None] == cols[None, :], b_r[:, None], 0.0)
+            acc = grad_acc(acc, dots, scale, lse_r, a_r, use_r, col_ok, extra, b, H_BF16, PREC)
+    if HAS_QUEUE:
+        for t in range(tl.maximum(t_start, n_kt), t_stop):
+            cols = (t - n_kt) * BLOCK_N + local
+            col_ok = cols < NQ
+            dots, b = dot_tile(Q, stride_qm, stride_qd, rows, row_ok, QU, stride_um, stride_ud, cols, col_ok,
+                                q, D, BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS, CAST_F32, PREC)
+            if D_CHUNKS != 1:
+                b = tl.load(QU + cols[:, None] * stride_um + d_out[None, :] * stride_ud,
+                            mask=col_ok[:, None] & dout_ok[None, :], other=0.0)
+                if CAST_F32:
+                    b = b.to(tl.float32)
+            acc = grad_acc(acc, dots, scale, lse_r, a_r, use_r, col_ok, 0.0, b, H_BF16, PREC)
+
+    if not IN_BATCH:
+        # The positive column, row by row (split 0): G_i,pos = a_i P_i,pos + b_i on k_{i+off};
+        # the same coefficient gives ∂k_{i+off} = scale·G_i,pos·q_i (each key row once).
+        first_split = pid_s == 0
+        s_pos = scale * row_dot(Q, stride_qm, stride_qd, rows, K, stride_km, stride_kd, prow, row_ok, D,
+                                 BLOCK_M, BLOCK_D, D_CHUNKS)
+        coef = tl.where(use_r, a_r * tl.exp2(tl.minimum(s_pos - lse_r, 0.0) * 1.4426950408889634), 0.0) + b_r
+        coef = tl.where(first_split & row_ok, coef, 0.0)
+        out_ok = row_ok[:, None] & dout_ok[None, :]
+        kp = tl.load(K + prow[:, None] * stride_km + d_out[None, :] * stride_kd, mask=out_ok, other=0.0)
+        acc += coef[:, None] * kp.to(tl.float32)
+        if WRITE_GK:
+            qd = tl.load(Q + rows[:, None] * stride_qm + d_out[None, :] * stride_qd, mask=out_ok, other=0.0)
+            gk = (scale * coef)[:, None] * qd.to(tl.float32)
+            tl.store(GK + prow[:, None] * stride_gkm + d_out[None, :], gk.to(GK.dtype.element_ty),
+                     mask=out_ok & first_split)
+
+    acc = acc * scale
+    out = G + pid_s.to(tl.int64) * stride_gs + rows[:, None] * stride_gm + d_out[None, :]
+    tl.store(out, acc.to(G.dtype.element_ty), mask=row_ok[:, None] & dout_ok[None, :])
+
+
+@triton.autotune(configs=BWD_CONFIGS, key=["M_KEY", "C_KEY", "D", "PREC"])
+@triton.jit
+def cross_bwd_k_kernel(
+    K, stride_km, stride_kd, Q, stride_qm, stride_qd,
+    SCALE, LSE, GA, GB, N, M, D, OFF, M_KEY, C_KEY,
+    G, stride_gs, stride_gm,               # ∂k: G[split, key row, d]
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr,
+    D_CHUNKS: tl.constexpr, CAST_F32: tl.constexpr, PREC: tl.constexpr, H_BF16: tl.constexpr,
+):
+    """In-batch keys: rows are keys j, columns the queries i (the transposed tiles)."""
+    pid_m = tl.program_id(0).to(tl.int64)
+    pid_s = tl.program_id(1)
+    pid_d = tl.program_id(2)
+    n_split = tl.num_programs(1)
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    row_ok = rows < N
+    scale = tl.load(SCALE).to(tl.float32)
+    d_out = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
+    dout_ok = d_out < D
+    kr = load_rows(K, stride_km, stride_kd, rows, row_ok, D, BLOCK_M, BLOCK_D, D_CHUNKS, CAST_F32)
+
+    t_start, t_stop = split_range(tl.cdiv(M, BLOCK_N), pid_s, n_split)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_DO), dtype=tl.float32)
+    local = tl.arange(0, BLOCK_N).to(tl.int64)
+    for t in range(t_start, t_stop):
+        cols = t * BLOCK_N + local
+        col_ok = cols < M
+        dots, b = dot_tile(K, stride_km, stride_kd, rows, row_ok, Q, stride_qm, stride_qd, cols, col_ok,
+                            kr, D, BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS, CAST_F32, PREC)
+        if D_CHUNKS != 1:
+            b = tl.load(Q + cols[:, None] * stride_qm + d_out[None, :] * stride_qd,
+                        mask=col_ok[:, None] & dout_ok[None, :], other=0.0)
+            if CAST_F32:
+                b = b.to(tl.float32)
+        a_c = tl.load(GA + cols, mask=col_ok, other=0.0)
+        b_c = tl.load(GB + cols, mask=col_ok, other=0.0)
+        lse_c = tl.load(LSE + cols, mask=col_ok, other=0.0)
+        use_c = a_c != 0.0
+        lse_c = tl.where(use_c, lse_c, float("inf"))
+        s = dots * scale
+        h = tl.where(col_ok[None, :] & use_c[None, :],
+                     a_c[None, :] * tl.exp2(tl.minimum(s - lse_c[None, :], 0.0) * 1.4426950408889634), 0.0)
+        h += tl.where(col_ok[None, :] & (cols[None, :] + OFF == rows[:, None]), b_c[None, :], 0.0)
+        if H_BF16:
+            acc = tl.dot(h.to(tl.bfloat16), b.to(tl.bfloat16), acc)
+        else:
+            acc = tl.dot(h.to(b.dtype), b, acc, input_precision=PREC)
+
+    acc = acc * scale
+    out = G + pid_s.to(tl.int64) * stride_gs + rows[:, None] * stride_gm + d_out[None, :]
+    tl.store(out, acc.to(G.dtype.element_ty), mask=row_ok[:, None] & dout_ok[None, :])

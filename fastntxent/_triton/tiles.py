@@ -1,0 +1,172 @@
+"""Device-side building blocks shared by the Triton kernels, and the tile shapes they run with.
+
+Pure Triton: this module imports `triton` only (no torch, no package code), so that the
+kernel modules built on it (`self_kernels.py`, `cross_kernels.py`) can be compiled ahead of
+time for sm_80/sm_90 under any Triton version (.ci/compile_triton.py), without torch.
+
+- `dot_tile`: A[rows] · B[cols]ᵀ as one `tl.dot` (D in one chunk) or a D-chunked loop;
+- `load_rows`: the row block held across the column sweep (one D chunk);
+- `online_update`: one column tile into the running max-subtracted logsumexp (exp2 domain),
+  Σ P·s and the top-1 statistic;
+- `row_dot`: an elementwise fp32 row dot (the MoCo v2 positive logit);
+- the autotune configs, the interpreter's fixed blocks, and `d_blocks`, the D tiling.
+
+Conventions of every kernel: row and column indices are int64 before they multiply a stride
+(M·D passes 2³¹ at M = 2²¹, D = 1 024); operands are the input dtype (bf16/fp16 tensor
+cores, fp32 as tf32 or exact "ieee" products), accumulators fp32; `CAST_F32` upcasts the
+operands to fp32 right after the load, which the interpreter needs for bf16 (it stores bf16
+as raw integers) and GPUs without bf16 tensor cores (sm_75) need for bf16 inputs.
+"""
+import os
+
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+
+# Fixed block sizes under the interpreter (small, so that the tests cross block edges).
+INTERP_BLOCK_M = 32
+INTERP_BLOCK_N = 32
+INTERP_BLOCK_D = 64
+# On the GPU: D up to this is held in one chunk (the row block stays in registers / shared
+# memory across the sweep); larger D is looped over in CHUNK_D steps and the backward's output
+# is split into CHUNK_DO-wide column chunks (grid z).
+MAX_SINGLE_D = {"16bit": 256, "fp32": 128}
+CHUNK_D = 64
+CHUNK_DO = 128
+
+if INTERPRETING:
+    FWD_CONFIGS = [triton.Config({"BLOCK_M": INTERP_BLOCK_M, "BLOCK_N": INTERP_BLOCK_N}, num_warps=4, num_stages=1)]
+    BWD_CONFIGS = list(FWD_CONFIGS)
+else:
+    FWD_CONFIGS = [
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=8, num_stages=2),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 128}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 32}, num_warps=4, num_stages=4),
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2),  # fits any GPU
+    ]
+    BWD_CONFIGS = [
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2),
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=2),
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 32}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 128}, num_warps=8, num_stages=2),
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=1),  # fits any GPU
+    ]
+
+def d_blocks(D: int, fp32: bool) -> tuple:
+    """(BLOCK_D, D_CHUNKS, BLOCK_DO) for embedding dimension D: the D tile of the similarity
+    products, how many of them cover D, and the output column chunk of the backward.
+    `tl.dot` needs every dimension ≥ 16: D < 16 is zero-padded to 16 by the masked loads."""
+    if INTERPRETING:
+        bd = min(INTERP_BLOCK_D, max(16, triton.next_power_of_2(D)))
+        return bd, triton.cdiv(D, bd), bd
+    if D <= MAX_SINGLE_D["fp32" if fp32 else "16bit"]:
+        bd = max(16, triton.next_power_of_2(D))
+        return bd, 1, bd
+    return CHUNK_D, triton.cdiv(D, CHUNK_D), CHUNK_DO
+
+
+@triton.jit
+def dot_tile(A, stride_am, stride_ad, rows, row_ok, B, stride_bm, stride_bd, cols, col_ok, a, D,
+             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+             D_CHUNKS: tl.constexpr, CAST_F32: tl.constexpr, PREC: tl.constexpr):
+    """A[rows] · B[cols]ᵀ (BLOCK_M, BLOCK_N) in fp32. With one D chunk `a` holds A[rows] and
+    the B tile is returned for reuse; otherwise D is looped over in chunks (`a` is only a
+    dtype placeholder; returns the last B chunk, unused). Masked entries load 0, which adds
+    nothing to a dot product."""
+    offs_d = tl.arange(0, BLOCK_D)
+    if D_CHUNKS == 1:
+        b = tl.load(B + cols[:, None] * stride_bm + offs_d[None, :] * stride_bd,
+                    mask=col_ok[:, None] & (offs_d < D)[None, :], other=0.0)
+        if CAST_F32:
+            b = b.to(tl.float32)
+        acc = tl.dot(a, tl.trans(b), input_precision=PREC)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        b = tl.zeros((BLOCK_N, BLOCK_D), dtype=a.dtype)
+        for c in range(D_CHUNKS):
+            d = c * BLOCK_D + offs_d
+            d_ok = d < D
+            ac = tl.load(A + rows[:, None] * stride_am + d[None, :] * stride_ad,
+                         mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+            b = tl.load(B + cols[:, None] * stride_bm + d[None, :] * stride_bd,
+                        mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+            if CAST_F32:
+                ac = ac.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(ac, tl.trans(b), acc, input_precision=PREC)
+    return acc, b
+
+
+@triton.jit
+def load_rows(A, stride_am, stride_ad, rows, row_ok, D,
+              BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, D_CHUNKS: tl.constexpr, CAST_F32: tl.constexpr):
+    """A[rows] (one D chunk) or a zero placeholder of the operand dtype (several chunks)."""
+    offs_d = tl.arange(0, BLOCK_D)
+    if D_CHUNKS == 1:
+        a = tl.load(A + rows[:, None] * stride_am + offs_d[None, :] * stride_ad,
+                    mask=row_ok[:, None] & (offs_d < D)[None, :], other=0.0)
+        if CAST_F32:
+            a = a.to(tl.float32)
+    else:
+        if CAST_F32:
+            a = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+        else:
+            a = tl.zeros((BLOCK_M, BLOCK_D), dtype=A.dtype.element_ty)
+    return a
+
+
+@triton.jit
+def online_update(m_i, l_i, ps_i, best, best_pos, s, valid, is_pos, local, BLOCK_N: tl.constexpr):
+    """One column tile of logits s (BLOCK_M, BLOCK_N) — entries where `valid` — into the running
+    row state: max-subtracted logsumexp (exp2 domain), Σ P·s and top-1 (whether the first
+    column reaching the row max is a positive; a later tile must beat it strictly).
+    Invalid entries become −inf (never `other=` values of a load: those would enter the max);
+    a row with no valid entry yet keeps m = −inf and l = 0 (the −inf − −inf case is avoided by
+    shifting with 0)."""
+    neg_inf = float("-inf")
+    s_m = tl.where(valid, s, neg_inf)
+    t_max = tl.max(s_m, 1)
+    first = tl.min(tl.where(s_m == t_max[:, None], local[None, :], BLOCK_N), 1)
+    t_pos = tl.max(tl.where(is_pos & (local[None, :] == first[:, None]), 1.0, 0.0), 1)
+    better = t_max > best
+    best_pos = tl.where(better, t_pos, best_pos)
+    best = tl.where(better, t_max, best)
+    m_new = tl.maximum(m_i, t_max)
+    m_use = tl.where(m_new == neg_inf, 0.0, m_new)
+    alpha = tl.exp2((m_i - m_use) * 1.4426950408889634)
+    p = tl.exp2((s_m - m_use[:, None]) * 1.4426950408889634)  # masked entries: exp2(−inf) = 0
+    l_i = l_i * alpha + tl.sum(p, 1)
+    ps_i = ps_i * alpha + tl.sum(p * tl.where(valid, s, 0.0), 1)
+    return m_new, l_i, ps_i, best, best_pos
+
+
+@triton.jit
+def row_dot(A, stride_am, stride_ad, rows, B, stride_bm, stride_bd, brows, ok, D,
+            BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, D_CHUNKS: tl.constexpr):
+    """Σ_d A[rows, d]·B[brows, d] per row, elementwise in fp32 (no tl.dot: any D)."""
+    offs_d = tl.arange(0, BLOCK_D)
+    acc = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for c in range(D_CHUNKS):
+        d = c * BLOCK_D + offs_d
+        m = ok[:, None] & (d < D)[None, :]
+        x = tl.load(A + rows[:, None] * stride_am + d[None, :] * stride_ad, mask=m, other=0.0).to(tl.float32)
+        y = tl.load(B + brows[:, None] * stride_bm + d[None, :] * stride_bd, mask=m, other=0.0).to(tl.float32)
+        acc += tl.sum(x * y, 1)
+    return acc
+
+
+@triton.jit
+def split_range(n_tiles, pid_s, n_split):
+    """[start, stop) of the column tiles that split `pid_s` of `n_split` sweeps."""
+    per_split = tl.cdiv(n_tiles, n_split)
+    t_start = pid_s * per_split
+    t_stop = tl.minimum(t_start + per_split, n_tiles)
+    return t_start, t_stop
