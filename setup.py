@@ -59,8 +59,14 @@ def _extension():
         return cpp_extension.CppExtension(
             "fastntxent._C", sources, extra_compile_args={"cxx": cxx_flags}, extra_link_args=["-fopenmp"]
         )
-    archs = os.environ.get("FASTNTXENT_CUDA_ARCHS", "80;90").replace(",", ";").split(";")
-    gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs if a.strip()]
+    archs = [a.strip() for a in os.environ.get("FASTNTXENT_CUDA_ARCHS", "80;90").replace(",", ";").split(";")]
+    archs = sorted({a for a in archs if a}, key=int)
+    # Machine code for each listed GPU, plus PTX of the newest one so that later GPUs
+    # (sm_100, sm_120, ...) JIT-compile it; the list is recorded in the module
+    # (fastntxent._C.cuda_sass / cuda_ptx) for backend="cuda" to refuse a GPU it has no code for.
+    gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+    gencode.append(f"-gencode=arch=compute_{archs[-1]},code=compute_{archs[-1]}")
+    arch_macros = [("FASTNTXENT_CUDA_SASS", "_".join(archs)), ("FASTNTXENT_CUDA_PTX", archs[-1])]
     import torch
 
     include_dirs = []
@@ -72,7 +78,7 @@ def _extension():
         "fastntxent._C",
         sources + _sources("csrc/cuda/*.cpp") + _sources("csrc/cuda/*.cu"),
         include_dirs=include_dirs,
-        define_macros=[("FASTNTXENT_WITH_CUDA", "1")],
+        define_macros=[("FASTNTXENT_WITH_CUDA", "1"), *arch_macros],
         extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--use_fast_math", *gencode]},
         extra_link_args=["-fopenmp"],
     )

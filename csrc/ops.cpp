@@ -1,50 +1,71 @@
 // Operator schemas of fastntxent, declared once; each backend file registers its
 // implementation with TORCH_LIBRARY_IMPL. Autograd and fake (meta) kernels are
-// registered from Python (fastntxent/_ops.py).
+// registered from Python (fastntxent/self_family.py, fastntxent/cross_family.py).
 #include <Python.h>
 #include <torch/library.h>
 
+#define FASTNTXENT_STR2(x) #x
+#define FASTNTXENT_STR(x) FASTNTXENT_STR2(x)
+#if defined(FASTNTXENT_CUDA_SASS) && defined(FASTNTXENT_CUDA_PTX)
+// Compute capabilities the CUDA kernels carry machine code for ("80_90") and PTX for ("90").
+#define FASTNTXENT_SASS_STRING FASTNTXENT_STR(FASTNTXENT_CUDA_SASS)
+#define FASTNTXENT_PTX_STRING FASTNTXENT_STR(FASTNTXENT_CUDA_PTX)
+#else
+#define FASTNTXENT_SASS_STRING ""
+#define FASTNTXENT_PTX_STRING ""
+#endif
+
 extern "C" {
-// Importing fastntxent._C loads this library, which runs the registrations below.
+// Importing fastntxent._C loads this library, which runs the registrations below. The module
+// records what the build holds: cuda_sass / cuda_ptx ("" without CUDA kernels) and the
+// compiler that built the C++ code.
 PyMODINIT_FUNC PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module_def);
+  PyObject* module = PyModule_Create(&module_def);
+  if (module == nullptr) return nullptr;
+  if (PyModule_AddStringConstant(module, "cuda_sass", FASTNTXENT_SASS_STRING) < 0 ||
+      PyModule_AddStringConstant(module, "cuda_ptx", FASTNTXENT_PTX_STRING) < 0 ||
+      PyModule_AddStringConstant(module, "cxx_compiler", __VERSION__) < 0) {
+    Py_DECREF(module);
+    return nullptr;
+  }
+  return module;
 }
 }
 
 TORCH_LIBRARY(fastntxent, m) {
-  // Self-similarity family (SPEC §1). u: (M, D) rows (already normalised when asked),
-  // temperature: 0-dim, labels: (M,) int64 or None (then label(i) = i mod period).
+  // Self-similarity family (docs/maths.md §1). u: (M, D) rows (already normalised when asked),
+  // temperature: 0-dim, labels: (M,) int64 or None (then label(i) = i mod rows_per_view).
   // Returns per-row (M,) tensors in the accumulation dtype (fp64 for fp64 input, else fp32):
   //   lse      log Σ_{j≠i} exp(s_ij)
   //   pos_sum  Σ_{p∈P(i)} s_ip
   //   pos_count |P(i)|
-  //   ps_sum   Σ_j P_ij s_ij           (for ∂/∂τ)
+  //   expected_logit  Σ_j P_ij s_ij    (for ∂/∂τ)
   //   top1     1 if the most similar other row is a positive, else 0
   m.def(
-      "self_forward(Tensor u, Tensor temperature, Tensor? labels, int period) -> "
-      "(Tensor lse, Tensor pos_sum, Tensor pos_count, Tensor ps_sum, Tensor top1)");
+      "self_forward(Tensor u, Tensor temperature, Tensor? labels, int rows_per_view) -> "
+      "(Tensor lse, Tensor pos_sum, Tensor pos_count, Tensor expected_logit, Tensor top1)");
   // ∂L/∂u for L = Σ_i grad_lse_i·lse_i + grad_pos_i·pos_sum_i; returns (M, D) in u's dtype.
   m.def(
-      "self_backward(Tensor u, Tensor temperature, Tensor? labels, int period, Tensor lse, "
+      "self_backward(Tensor u, Tensor temperature, Tensor? labels, int rows_per_view, Tensor lse, "
       "Tensor grad_lse, Tensor grad_pos) -> Tensor");
 
-  // Cross-similarity family (SPEC §2; csrc/cpu/cross_similarity.cpp). Rows q: (M, D),
+  // Cross-similarity family (docs/maths.md §2; csrc/cpu/cross_similarity.cpp). Rows q: (M, D),
   // keys k: (N, D), queue: (K, D) extra negatives or None, scale: 0-dim multiplier of the
   // logits (1/τ, or CLIP's logit_scale). The positive of row i is key i + pos_offset
   // (0 <= pos_offset, pos_offset + M <= N). Columns of row i: every key and the queue when
-  // in_batch, else the positive key and the queue (MoCo v2). CLIP's column logsumexps are
+  // keys_are_negatives, else the positive key and the queue (MoCo v2). CLIP's column logsumexps are
   // the same op with q and k swapped. Returns (M,) tensors in the accumulation dtype:
   //   lse     log Σ_c exp(s_ic)
   //   pos     s_i,pos = scale · q_i·k_{i+pos_offset}
-  //   ps_sum  Σ_c P_ic s_ic             (∂lse_i/∂scale = ps_sum_i / scale)
+  //   expected_logit  Σ_c P_ic s_ic     (∂lse_i/∂scale = expected_logit_i / scale)
   //   top1    1 if the largest logit is the positive (first index on ties), else 0
   m.def(
-      "cross_forward(Tensor q, Tensor k, Tensor? queue, Tensor scale, int pos_offset, bool in_batch) -> "
-      "(Tensor lse, Tensor pos, Tensor ps_sum, Tensor top1)");
+      "cross_forward(Tensor q, Tensor k, Tensor? queue, Tensor scale, int pos_offset, bool keys_are_negatives) -> "
+      "(Tensor lse, Tensor pos, Tensor expected_logit, Tensor top1)");
   // (∂L/∂q, ∂L/∂k) for L = Σ_i grad_lse_i·lse_i + grad_pos_i·pos_i, in q's / k's dtype; the
   // queue gets no gradient; grad_k is zeros (not computed) when need_grad_k is false.
   m.def(
-      "cross_backward(Tensor q, Tensor k, Tensor? queue, Tensor scale, int pos_offset, bool in_batch, "
+      "cross_backward(Tensor q, Tensor k, Tensor? queue, Tensor scale, int pos_offset, bool keys_are_negatives, "
       "Tensor lse, Tensor grad_lse, Tensor grad_pos, bool need_grad_k) -> (Tensor grad_q, Tensor grad_k)");
 }

@@ -1,11 +1,11 @@
-"""fastntxent: fused, memory-lean contrastive losses (NT-Xent, multi-view, SupCon) for PyTorch.
+"""fastntxent: fused, memory-lean contrastive losses (NT-Xent, multi-view, SupCon, InfoNCE, CLIP) for PyTorch.
 
     import fastntxent as fx
     loss = fx.nt_xent(z1, z2, temperature=0.5)
 """
 from . import _extension, reference
-from .functional import multiview_nt_xent, nt_xent, supcon
-from .cross import clip_loss, info_nce
+from .self_family import multiview_nt_xent, nt_xent, supcon
+from .cross_family import clip_loss, info_nce
 from .losses import ClipLoss, InfoNCELoss, MemoryQueue, NTXentLoss, SupConLoss
 
 __version__ = "0.1.0"

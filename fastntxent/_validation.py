@@ -8,7 +8,6 @@ import torch
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 REDUCTIONS = ("mean", "sum", "none")
-BACKENDS = ("auto", "cpu", "triton", "cuda", "reference")
 
 Scalar = Union[float, int, torch.Tensor]
 
@@ -74,9 +73,9 @@ def check_reduction(reduction: str) -> str:
 
 
 def check_backend(backend: str) -> str:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    return backend
+    from .backends import check_name
+
+    return check_name(backend)
 
 
 def as_temperature(temperature: Scalar, like: torch.Tensor, name: str = "temperature") -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Exact multi-process losses (SPEC §4): `gather=True` with torch.distributed.
+"""Exact multi-process losses (docs/maths.md §4): `gather=True` with torch.distributed.
 
 Convention (the one DDP needs). Every rank calls the loss on its local rows with
 `gather=True`; the returned value is the loss of the *global* batch (all ranks' rows
@@ -19,7 +19,7 @@ How (exact, and what it costs):
   every rank computes the loss of the whole global batch (the self operators have no
   row-subset form yet): exact and simple, but each rank does the full O(M_global²·D) work
   instead of 1/W of it. A local-rows operator (gathering each row's lse too, as in the
-  symmetric identity of SPEC §1) would remove that redundancy.
+  symmetric identity of docs/maths.md §1) would remove that redundancy.
 All ranks must hold the same number of rows (checked; ValueError otherwise).
 """
 from __future__ import annotations

@@ -6,7 +6,8 @@ import math
 import torch
 from torch import nn
 
-from . import functional as F
+from .cross_family import clip_loss, info_nce
+from .self_family import nt_xent, supcon
 from ._validation import check_backend, check_reduction
 
 
@@ -60,7 +61,7 @@ class NTXentLoss(_TemperatureModule):
         super().__init__(temperature, learnable_temperature, normalize, reduction, backend, gather)
 
     def forward(self, z1: torch.Tensor, z2: torch.Tensor, return_stats: bool = False):
-        return F.nt_xent(z1, z2, self.temperature, **self._options(return_stats))
+        return nt_xent(z1, z2, self.temperature, **self._options(return_stats))
 
 
 class SupConLoss(_TemperatureModule):
@@ -78,7 +79,7 @@ class SupConLoss(_TemperatureModule):
         super().__init__(temperature, learnable_temperature, normalize, reduction, backend, gather)
 
     def forward(self, z: torch.Tensor, labels: torch.Tensor, return_stats: bool = False):
-        return F.supcon(z, labels, self.temperature, **self._options(return_stats))
+        return supcon(z, labels, self.temperature, **self._options(return_stats))
 
 
 class InfoNCELoss(_TemperatureModule):
@@ -100,8 +101,6 @@ class InfoNCELoss(_TemperatureModule):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor | None = None,
                 return_stats: bool = False):
-        from .cross import info_nce
-
         return info_nce(q, k, queue, self.temperature, **self._options(return_stats))
 
 
@@ -144,8 +143,6 @@ class ClipLoss(nn.Module):
         return s.clamp(max=self.max_logit_scale) if self.max_logit_scale is not None else s
 
     def forward(self, a: torch.Tensor, b: torch.Tensor, return_stats: bool = False):
-        from .cross import clip_loss
-
         return clip_loss(a, b, self.logit_scale, normalize=self.normalize, backend=self.backend,
                          gather=self.gather, return_stats=return_stats)
 

@@ -10,7 +10,7 @@ import torch
 import fastntxent as fx
 import fastntxent._extension as ext
 
-# Relative-error bounds per input dtype (SPEC §3 / developers' brief).
+# Relative-error bounds per input dtype (docs/maths.md §3 / developers' brief).
 TOLERANCE = {
     torch.float64: 1e-10,
     torch.float32: 1e-5,
@@ -43,9 +43,9 @@ def _cuda_ok():
 
 
 def _triton_ok():
-    from fastntxent._dispatch import _triton_available
+    from fastntxent.backends import _triton_import_error
 
-    return _triton_available()[0]
+    return _triton_import_error() is None
 
 
 # (backend, device) pairs; a backend joins the shared suite by adding a line here.

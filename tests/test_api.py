@@ -67,10 +67,10 @@ def test_triton_on_cpu_without_interpreter_says_why(monkeypatch):
 
 
 def test_auto_backend_on_cpu():
-    from fastntxent._dispatch import resolve_backend
+    from fastntxent.backends import resolve
 
     expected = "cpu" if _extension.has_cpu_kernels() else "reference"
-    assert resolve_backend("auto", torch.device("cpu")) == expected
+    assert resolve("self", "auto", torch.device("cpu"), torch.float32).name == expected
 
 
 @needs_ext

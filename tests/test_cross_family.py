@@ -1,4 +1,4 @@
-"""Cross-similarity family (SPEC §2): MoCo InfoNCE (queue / in-batch) and CLIP.
+"""Cross-similarity family (docs/maths.md §2): MoCo InfoNCE (queue / in-batch) and CLIP.
 
 The fused C++ CPU kernel against the literal float64 reference (odd sizes, queue sizes,
 temperatures, learnable temperature / logit_scale), the operator itself (pos_offset,
@@ -326,7 +326,7 @@ def test_memory_queue_ring_buffer_and_state_dict():
         (lambda: fx.info_nce(torch.randn(4, 3), torch.randn(4, 3), backend="tpu"), ValueError, "backend must be one of"),
         (lambda: fx.info_nce(torch.randn(4, 3).double(), torch.randn(4, 3).double(), backend="triton"), ValueError,
          "does not take float64"),
-        (lambda: fx.clip_loss(torch.randn(4, 3), torch.randn(4, 3), 10.0, backend="cuda"), ValueError, "not yet available"),
+        (lambda: fx.clip_loss(torch.randn(4, 3), torch.randn(4, 3), 10.0, backend="cuda"), ValueError, "covers the self-similarity family only"),
         (lambda: fx.info_nce(torch.randn(4, 3), torch.randn(4, 3), gather=True), ValueError,
          "gather=True needs an initialised torch.distributed process group"),
         (lambda: fx.clip_loss(torch.randn(4, 3), torch.randn(4, 3), 10.0, gather=True), ValueError, "process group"),

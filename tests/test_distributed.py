@@ -1,4 +1,4 @@
-"""gather=True over torch.distributed (SPEC §4), gloo backend, 2 and 4 local processes.
+"""gather=True over torch.distributed (docs/maths.md §4), gloo backend, 2 and 4 local processes.
 
 Each rank holds its slice of a global batch. Checked against one process on the
 concatenated batch:

@@ -15,12 +15,12 @@ import torch
 
 import fastntxent as fx
 from fastntxent import reference
-from fastntxent._dispatch import _triton_available, resolve_backend, self_ops
+from fastntxent.backends import _triton_import_error, resolve
 import helpers
 from helpers import assert_rel_close
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-TRITON_OK = _triton_available()[0]
+TRITON_OK = _triton_import_error() is None
 CUDA_OK = torch.cuda.is_available() and TRITON_OK
 
 needs_interpreter = pytest.mark.skipif(not (INTERPRET and TRITON_OK),
@@ -217,8 +217,9 @@ def test_opcheck():
 
 @needs_interpreter
 def test_backend_resolution_picks_triton():
-    assert resolve_backend("triton", torch.device("cpu"), torch.float32) == "triton"
-    ops = self_ops("triton")
+    chosen = resolve("self", "triton", torch.device("cpu"), torch.float32)
+    assert chosen.name == "triton"
+    ops = chosen.operators("self")
     assert ops.forward is ts.self_forward and ops.backward is ts.self_backward
     assert ops.forward is torch.ops.fastntxent.self_forward_triton
     # backend="triton" runs these operators (the autograd graph records them).
@@ -267,7 +268,7 @@ def test_cuda_fp32_ieee_is_tight():
 
 @needs_cuda
 def test_cuda_splits_and_auto_backend(monkeypatch):
-    assert resolve_backend("auto", torch.device("cuda"), torch.bfloat16) == "triton"
+    assert resolve("self", "auto", torch.device("cuda"), torch.bfloat16).name == "triton"
     for splits in (1, 5):
         monkeypatch.setattr(ts, "SPLITS", splits)
         z, call = make_call("multiview", 3000, 128, "cuda")

@@ -14,12 +14,11 @@ import torch
 
 import fastntxent as fx
 from fastntxent import reference
-from fastntxent._dispatch import _triton_available
-from fastntxent.cross import resolve_cross_backend
+from fastntxent.backends import _triton_import_error, resolve
 from helpers import TOLERANCE, assert_rel_close, loss_and_grads, rel_err
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-TRITON_OK = _triton_available()[0]
+TRITON_OK = _triton_import_error() is None
 CUDA_OK = torch.cuda.is_available() and TRITON_OK
 
 needs_interpreter = pytest.mark.skipif(not (INTERPRET and TRITON_OK), reason="needs TRITON_INTERPRET=1 and triton")
@@ -236,7 +235,7 @@ def test_opcheck_cross_ops(dtype):
 
 @needs_interpreter
 def test_backend_resolution_and_errors():
-    assert resolve_cross_backend("triton", torch.device("cpu"), torch.float32) == "triton"
+    assert resolve("cross", "triton", torch.device("cpu"), torch.float32).name == "triton"
     from torch.utils._python_dispatch import TorchDispatchMode
 
     seen = []
@@ -315,7 +314,7 @@ def test_cuda_matches_float64_reference(dtype):
 @needs_cuda
 @pytest.mark.parametrize("splits", [1, 7])
 def test_cuda_splits_auto_backend_and_offset(monkeypatch, splits):
-    assert resolve_cross_backend("auto", torch.device("cuda"), torch.bfloat16) == "triton"
+    assert resolve("cross", "auto", torch.device("cuda"), torch.bfloat16).name == "triton"
     monkeypatch.setattr(tc, "SPLITS", splits)
     M, N, D, off = 300, 1200, 96, 600
     q = torch.nn.functional.normalize(torch.randn(M, D, device="cuda"), dim=1)

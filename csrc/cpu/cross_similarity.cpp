@@ -1,4 +1,4 @@
-// Fused CPU kernels of the cross-similarity family (SPEC §2): MoCo InfoNCE, CLIP.
+// Fused CPU kernels of the cross-similarity family (docs/maths.md §2): MoCo InfoNCE, CLIP.
 //
 // One general operator pair (schemas in csrc/ops.cpp). Rows are queries q (M, D); the
 // columns of row i are

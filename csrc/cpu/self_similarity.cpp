@@ -1,4 +1,4 @@
-// Fused CPU kernels of the self-similarity family (SPEC §1).
+// Fused CPU kernels of the self-similarity family (docs/maths.md §1).
 //
 // Forward: each row block streams over column blocks; the similarity tile is one small
 // matrix product (BLAS through at::mm_out), then a single fused pass per row updates an

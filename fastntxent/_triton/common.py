@@ -163,10 +163,10 @@ def poisoned(shape, device, dtype=torch.float32) -> torch.Tensor:
     return torch.full(shape, float("nan"), dtype=dtype, device=device)
 
 
-def merge_splits(m, l, ps, best, best_pos, lse, ps_sum, top1) -> None:
+def merge_splits(m, l, ps, best, best_pos, lse, expected_logit, top1) -> None:
     """Combine the partial row states of the column splits (each (splits, M)) into `lse`,
-    `ps_sum`, `top1` (each (M,)), in place: O(splits·M). A row with no column at all gets
-    lse = −inf and ps_sum = 0; top1 comes from the first split reaching the maximum (the
+    `expected_logit`, `top1` (each (M,)), in place: O(splits·M). A row with no column at all gets
+    lse = −inf and expected_logit = 0; top1 comes from the first split reaching the maximum (the
     first column wins ties, as within a split)."""
     m_max = m.max(0).values
     m_use = torch.where(torch.isinf(m_max), torch.zeros_like(m_max), m_max)
@@ -176,7 +176,7 @@ def merge_splits(m, l, ps, best, best_pos, lse, ps_sum, top1) -> None:
     has = l_tot > 0
     l_safe = torch.where(has, l_tot, torch.ones_like(l_tot))
     torch.where(has, m_use + torch.log(l_safe), torch.full_like(l_tot, float("-inf")), out=lse)
-    torch.where(has, ps_tot / l_safe, torch.zeros_like(l_tot), out=ps_sum)
+    torch.where(has, ps_tot / l_safe, torch.zeros_like(l_tot), out=expected_logit)
     first = best.argmax(0, keepdim=True)
     top1.copy_(best_pos.gather(0, first).squeeze(0))
 

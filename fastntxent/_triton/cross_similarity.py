@@ -1,7 +1,7 @@
 """Triton operators of the cross-similarity family (MoCo InfoNCE, CLIP; docs/maths.md).
 
     fastntxent::cross_forward_triton(q, k, queue, scale, pos_offset, keys_are_negatives)
-        -> (lse, pos, ps_sum, top1)                          each (M,) float32
+        -> (lse, pos, expected_logit, top1)                          each (M,) float32
     fastntxent::cross_backward_triton(q, k, queue, scale, pos_offset, keys_are_negatives,
                                       lse, grad_lse, grad_pos, need_grad_k)
         -> (grad_q, grad_k)                                  in q's / k's dtype
@@ -106,8 +106,8 @@ def _cross_forward_triton(
     if splits == 1:
         return tuple(outs)
     m, l, ps, best, best_pos, pos_part = work.unbind(0)
-    lse, pos, ps_sum, top1 = outs
-    common.merge_splits(m, l, ps, best, best_pos, lse, ps_sum, top1)
+    lse, pos, expected_logit, top1 = outs
+    common.merge_splits(m, l, ps, best, best_pos, lse, expected_logit, top1)
     if keys_are_negatives:
         torch.sum(pos_part, 0, out=pos)
     return tuple(outs)
@@ -188,6 +188,6 @@ def _cross_backward_triton(
 cross_forward = torch.ops.fastntxent.cross_forward_triton
 cross_backward = torch.ops.fastntxent.cross_backward_triton
 
-from .._cross_ops import register_cross_ops  # noqa: E402
+from ..cross_family import register_operators  # noqa: E402
 
-register_cross_ops("fastntxent::cross_forward_triton", "fastntxent::cross_backward_triton")
+register_operators(_cross_forward_triton, _cross_backward_triton)

@@ -1,7 +1,7 @@
 """Triton operators of the self-similarity family (NT-Xent, multi-view, SupCon; docs/maths.md).
 
     fastntxent::self_forward_triton(u, temperature, labels, rows_per_view)
-        -> (lse, pos_sum, pos_count, ps_sum, top1)          each (M,) float32
+        -> (lse, pos_sum, pos_count, expected_logit, top1)          each (M,) float32
     fastntxent::self_backward_triton(u, temperature, labels, rows_per_view, lse, grad_lse, grad_pos)
         -> grad_u                                            (M, D) in u's dtype
 
@@ -87,8 +87,8 @@ def _self_forward_triton(
     if splits == 1:
         return tuple(outs)
     m, l, ps, pos, cnt, best, best_pos = work.unbind(0)
-    lse, pos_sum, pos_count, ps_sum, top1 = outs
-    common.merge_splits(m, l, ps, best, best_pos, lse, ps_sum, top1)
+    lse, pos_sum, pos_count, expected_logit, top1 = outs
+    common.merge_splits(m, l, ps, best, best_pos, lse, expected_logit, top1)
     torch.sum(pos, 0, out=pos_sum)
     torch.sum(cnt, 0, out=pos_count)
     return tuple(outs)
@@ -138,6 +138,6 @@ def _self_backward_triton(
 self_forward = torch.ops.fastntxent.self_forward_triton
 self_backward = torch.ops.fastntxent.self_backward_triton
 
-from .._ops import register_self_ops  # noqa: E402
+from ..self_family import register_operators  # noqa: E402
 
-register_self_ops("fastntxent::self_forward_triton", "fastntxent::self_backward_triton")
+register_operators(_self_forward_triton, _self_backward_triton)

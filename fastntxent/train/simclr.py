@@ -31,7 +31,7 @@ class SimCLR(nn.Module):
     def loss(self, z1: torch.Tensor, z2: torch.Tensor):
         if D.world_size() > 1:
             if _supports_gather(fx.nt_xent):
-                # fused cross-rank loss: local rows against all ranks' columns (SPEC section 4)
+                # fused cross-rank loss: local rows against all ranks' columns (docs/maths.md §4)
                 return fx.nt_xent(z1, z2, self.loss_fn.temperature, backend=self.loss_fn.backend,
                                   return_stats=True, gather=True)
             # fallback: gather rows with gradients; every rank computes the global loss, the

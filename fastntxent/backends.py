@@ -1,0 +1,212 @@
+"""The backend registry: which implementation computes a loss family's per-row statistics.
+
+One table, `BACKENDS`: for each backend the devices it runs on, the dtypes it takes, the loss
+families it implements and how to get their operators. One function, `resolve(family,
+backend, device, dtype)`, decides once per call: it returns the backend to use (for "auto":
+CUDA tensors → Triton, else the CUDA C++ kernels, else the reference; CPU tensors → the fused
+C++ kernels, else the reference) or raises a ValueError saying why the requested backend
+cannot run.
+
+A family ("self": NT-Xent, multi-view, SupCon; "cross": InfoNCE, CLIP) has one operator
+pair with one schema (csrc/ops.cpp, docs/maths.md); every backend provides that pair:
+  self:  forward(u, temperature, labels, rows_per_view) -> (lse, pos_sum, pos_count, expected_logit, top1)
+         backward(u, temperature, labels, rows_per_view, lse, grad_lse, grad_pos) -> grad_u
+  cross: forward(q, k, queue, scale, pos_offset, keys_are_negatives) -> (lse, pos, expected_logit, top1)
+         backward(q, k, queue, scale, pos_offset, keys_are_negatives, lse, grad_lse, grad_pos,
+                  need_grad_k) -> (grad_q, grad_k)
+A new backend is one row here plus its kernel file.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable, NamedTuple, Optional
+
+import torch
+
+from . import _extension
+
+FAMILIES = ("self", "cross")
+NAMES = ("auto", "cpu", "triton", "cuda", "reference")
+_ALL_FLOATS = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+_FP32_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+class Operators(NamedTuple):
+    forward: Callable
+    backward: Optional[Callable]  # None: the reference, differentiated by autograd itself
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    devices: tuple            # device types it runs on
+    dtypes: tuple             # input dtypes it takes
+    families: tuple           # loss families it implements
+    computes_in_fp32: bool    # the kernels accumulate in fp32 (so they refuse float64)
+    unavailable: Callable[[str, torch.device], Optional[str]]  # (family, device) -> why not, or None
+    operators: Callable[[str], Operators]                      # family -> its operator pair
+
+    def operand_dtype(self, family: str, dtype: torch.dtype) -> torch.dtype:
+        """dtype the normalised rows are handed over in. GPU kernels take the input dtype
+        (tensor cores); the CPU kernels compute in the accumulation dtype (fp64 stays fp64,
+        else fp32) and take rows in it rather than rows rounded back to bf16/fp16. The
+        reference of the self family sees the rows rounded as the GPU kernels do (then
+        computes in the accumulation dtype); that of the cross family, as the CPU kernels."""
+        if self.name == "cpu" or (self.name == "reference" and family == "cross"):
+            return accumulation_dtype(dtype)
+        return dtype
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The one accumulation rule of every backend: fp64 stays fp64, everything else is fp32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ---------------------------------------------------------------------------------------
+# Availability of each backend (one line saying why not, or None)
+# ---------------------------------------------------------------------------------------
+_REBUILD = "build it with `pip install --no-build-isolation -e .`"
+
+
+def _cpu_unavailable(family: str, device: torch.device) -> Optional[str]:
+    if not _extension.has_cpu_kernels():
+        return (f'backend="cpu" needs the compiled extension fastntxent._C, which failed to load '
+                f"({_extension.LOAD_ERROR}); {_REBUILD}")
+    if family == "cross" and not _extension.has_cross_kernels():
+        return f'backend="cpu": the built fastntxent._C predates the cross family; re{_REBUILD[1:]}'
+    return None
+
+
+_TRITON_IMPORT: list = []  # [error or None], filled on first use (a plain cache: torch.compile traces it)
+
+
+def _triton_import_error() -> Optional[str]:
+    if not _TRITON_IMPORT:
+        try:
+            from ._triton import cross_similarity, self_similarity  # noqa: F401
+
+            _TRITON_IMPORT.append(None)
+        except ImportError as exc:
+            _TRITON_IMPORT.append(f"triton is not importable ({exc}); pip install triton")
+    return _TRITON_IMPORT[0]
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _triton_unavailable(family: str, device: torch.device) -> Optional[str]:
+    why = _triton_import_error()
+    if why is not None:
+        return f'backend="triton" cannot run: {why}'
+    if device.type == "cpu" and not interpreting():
+        return ('backend="triton" on CPU tensors runs only under the Triton interpreter: '
+                "set TRITON_INTERPRET=1 before importing triton, or use CUDA tensors")
+    if device.type == "cuda":
+        from ._triton import common
+
+        cap = common.device_capability(device)
+        if cap < common.MIN_CAPABILITY:
+            return (f'backend="triton" needs a GPU of compute capability >= 7.5, {device} has '
+                    f"{cap[0]}.{cap[1]}")
+    return None
+
+
+def _cuda_unavailable(family: str, device: torch.device) -> Optional[str]:
+    if family != "self":
+        return ('backend="cuda" (the CUDA C++ kernels) covers the self-similarity family only '
+                '(nt_xent, multiview_nt_xent, supcon); use backend="triton" or "auto"')
+    if not _extension.has_cuda_kernels():
+        return ('backend="cuda" needs fastntxent._C built with CUDA kernels (a CUDA toolkit and '
+                "a CUDA build of torch at install time; see README)")
+    cap = torch.cuda.get_device_capability(device)
+    return _extension.cuda_code_missing(cap)
+
+
+def _reference_unavailable(family: str, device: torch.device) -> Optional[str]:
+    return None
+
+
+# ---------------------------------------------------------------------------------------
+# Operators of each backend
+# ---------------------------------------------------------------------------------------
+def _compiled_operators(family: str) -> Operators:
+    ops = torch.ops.fastntxent
+    if family == "self":
+        return Operators(ops.self_forward, ops.self_backward)
+    return Operators(ops.cross_forward, ops.cross_backward)
+
+
+def _triton_operators(family: str) -> Operators:
+    if family == "self":
+        from ._triton import self_similarity as launcher
+
+        return Operators(launcher.self_forward, launcher.self_backward)
+    from ._triton import cross_similarity as launcher
+
+    return Operators(launcher.cross_forward, launcher.cross_backward)
+
+
+def _reference_self_rows(u, temperature, labels, rows_per_view):
+    from . import reference
+
+    return reference.self_similarity_rows(u.to(accumulation_dtype(u.dtype)), temperature, labels, rows_per_view)
+
+
+def _reference_operators(family: str) -> Operators:
+    from . import reference
+
+    if family == "self":
+        return Operators(_reference_self_rows, None)
+    return Operators(reference.cross_similarity_rows, None)
+
+
+BACKENDS = {
+    "cpu": Backend("cpu", ("cpu",), _ALL_FLOATS, FAMILIES, False, _cpu_unavailable, _compiled_operators),
+    "triton": Backend("triton", ("cuda", "cpu"), _FP32_KERNEL_DTYPES, FAMILIES, True, _triton_unavailable,
+                      _triton_operators),
+    "cuda": Backend("cuda", ("cuda",), _FP32_KERNEL_DTYPES, ("self",), True, _cuda_unavailable,
+                    _compiled_operators),
+    "reference": Backend("reference", ("cpu", "cuda", "meta"), _ALL_FLOATS, FAMILIES, False,
+                         _reference_unavailable, _reference_operators),
+}
+# What "auto" tries, in order, per device type.
+AUTO_ORDER = {"cuda": ("triton", "cuda", "reference"), "cpu": ("cpu", "reference")}
+
+
+def check_name(backend) -> str:
+    if backend not in NAMES:
+        raise ValueError(f"backend must be one of {NAMES}, got {backend!r}")
+    return backend
+
+
+def refusal(backend: str, family: str, device: torch.device, dtype: torch.dtype) -> Optional[str]:
+    """Why `backend` cannot compute `family` on `device` for `dtype` inputs, or None."""
+    spec = BACKENDS[backend]
+    if family not in spec.families:
+        return spec.unavailable(family, device) or f'backend="{backend}" does not implement the {family} family'
+    if spec.computes_in_fp32 and dtype == torch.float64:
+        return (f'backend="{backend}" computes in fp32 and does not take float64 inputs; use '
+                'backend="cpu" (CPU tensors) or "reference", or cast the embeddings to float32')
+    if device.type not in spec.devices:
+        wanted = "CUDA" if spec.devices[0] == "cuda" else spec.devices[0].upper()
+        return f'backend="{backend}" needs {wanted} tensors, got tensors on {device}'
+    if dtype not in spec.dtypes:
+        return f'backend="{backend}" does not take {dtype} inputs'
+    return spec.unavailable(family, device)
+
+
+def resolve(family: str, backend: str, device: torch.device, dtype: torch.dtype) -> Backend:
+    """The backend that computes `family` for inputs on `device` of `dtype`: the requested one
+    (ValueError saying why if it cannot run) or, for "auto", the first of AUTO_ORDER that can."""
+    check_name(backend)
+    if backend == "auto":
+        for name in AUTO_ORDER.get(device.type, ("reference",)):
+            if refusal(name, family, device, dtype) is None:
+                return BACKENDS[name]
+        return BACKENDS["reference"]
+    why = refusal(backend, family, device, dtype)
+    if why is not None:
+        raise ValueError(why)
+    return BACKENDS[backend]

@@ -1,0 +1,62 @@
+"""Row maths shared by every loss and backend (docs/maths.md): normalisation, per-row loss from
+the operators' row statistics, reductions, implicit multi-view labels.
+
+All O(M·D) or O(M); no M×M work here.
+"""
+from __future__ import annotations
+
+import torch
+
+from .backends import accumulation_dtype
+
+__all__ = ["EPS", "normalize_rows", "row_loss", "reduce_rows", "implicit_labels", "accumulation_dtype"]
+
+EPS = 1e-8
+
+
+def normalize_rows(z: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """u_i = z_i / max(‖z_i‖, eps): (M, D) → (M, D) in `dtype` (default z's dtype).
+
+    Computed in the accumulation dtype and scale-safe: each row is first divided by its
+    largest magnitude, so that the squared norm neither overflows (rows of 1e20 in fp32) nor
+    underflows. A NaN or inf entry makes its whole row NaN (inf/inf), never a finite row."""
+    acc = accumulation_dtype(z.dtype)
+    x = z.to(acc)
+    direct_norm = torch.linalg.vector_norm(x, dim=1, keepdim=True)
+    u_direct = x / direct_norm.clamp_min(EPS)
+    # Rows whose squared norm overflows (or underflows below eps²) are divided by their largest
+    # magnitude first. A NaN or inf peak is kept: such a row becomes NaN (inf/inf).
+    peak = x.abs().amax(dim=1, keepdim=True)
+    safe_peak = torch.where(peak == 0, torch.ones_like(peak), peak)
+    scaled = x / safe_peak                                   # entries in [-1, 1]
+    scaled_norm = torch.linalg.vector_norm(scaled, dim=1, keepdim=True)
+    big = ~(scaled_norm * safe_peak < EPS)                   # ‖z‖ ≥ eps; NaN rows take this branch
+    u_scaled = torch.where(big, scaled / torch.where(big, scaled_norm, torch.ones_like(scaled_norm)), x / EPS)
+    tiny = torch.finfo(acc).tiny ** 0.5
+    plain = torch.isfinite(direct_norm) & (direct_norm > tiny) & torch.isfinite(peak)
+    u = torch.where(plain, u_direct, u_scaled)
+    return u.to(dtype or z.dtype)
+
+
+def row_loss(lse: torch.Tensor, pos_sum: torch.Tensor, pos_count: torch.Tensor):
+    """ℓ_i = lse_i − pos_sum_i/|P(i)| for anchors with a positive, 0 otherwise; returns
+    (ℓ (M,), has_pos (M,) bool)."""
+    has_pos = pos_count > 0
+    mean_pos = pos_sum / pos_count.clamp_min(1)
+    return torch.where(has_pos, lse - mean_pos, torch.zeros_like(lse)), has_pos
+
+
+def reduce_rows(per_row: torch.Tensor, has_pos: torch.Tensor, reduction: str) -> torch.Tensor:
+    """Combine ℓ (M,) into the requested reduction; the mean is over anchors with a positive
+    (0 with zero gradients when there is none)."""
+    if reduction == "none":
+        return per_row
+    total = per_row.sum()
+    if reduction == "sum":
+        return total
+    return total / has_pos.sum().clamp_min(1).to(per_row.dtype)
+
+
+def implicit_labels(rows: int, rows_per_view: int, device=None) -> torch.Tensor:
+    """Labels of view-major multi-view batches: label(i) = i mod rows_per_view, (rows,) int64."""
+    return torch.arange(rows, device=device) % rows_per_view

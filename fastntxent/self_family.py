@@ -1,0 +1,206 @@
+"""The self-similarity family: NT-Xent (SimCLR), multi-view NT-Xent, SupCon (docs/maths.md §1).
+
+One operator pair, implemented by every fused backend (fastntxent.backends):
+
+    forward(u, temperature, labels, rows_per_view) -> (lse, pos_sum, pos_count, expected_logit, top1)
+        u (M, D) rows (normalised when asked), temperature 0-dim, labels (M,) int64 or None
+        (then label(i) = i mod rows_per_view). Each output (M,) in the accumulation dtype:
+        lse_i = log Σ_{j≠i} e^{s_ij}, pos_sum_i = Σ_{p∈P(i)} s_ip, pos_count_i = |P(i)|,
+        expected_logit_i = Σ_j P_ij s_ij (for ∂/∂τ), top1_i = [the most similar other row is a positive].
+    backward(u, temperature, labels, rows_per_view, lse, grad_lse, grad_pos) -> grad_u (M, D)
+        ∂L/∂u for L = Σ_i grad_lse_i·lse_i + grad_pos_i·pos_sum_i.
+
+`register_operators` gives a backend's pair its fake (meta) kernels and autograd: one formula
+for every backend, with ∂L/∂τ = −Σ_i (grad_lse_i·expected_logit_i + grad_pos_i·pos_sum_i)/τ.
+The loss functions below validate, resolve the backend once, normalise, call the forward
+operator and reduce.
+"""
+from __future__ import annotations
+
+from typing import Sequence, Union
+
+import torch
+
+from . import _extension, backends
+from .row_math import accumulation_dtype, normalize_rows, reduce_rows, row_loss
+from ._validation import (Scalar, as_temperature, check_embeddings, check_labels, check_pair, check_reduction,
+                          check_same_device)
+
+__all__ = ["nt_xent", "multiview_nt_xent", "supcon", "self_similarity_loss", "register_operators"]
+
+
+# ---------------------------------------------------------------------------------------
+# Operators: fake kernels and autograd, shared by every backend
+# ---------------------------------------------------------------------------------------
+def register_operators(forward_op, backward_op) -> None:
+    """Fake kernels and autograd for a backend's self-family operator pair (op handles:
+    a `torch.library.custom_op` or a C++ `OpOverload`)."""
+
+    @torch.library.register_fake(forward_op)
+    def _forward_fake(u, temperature, labels, rows_per_view):
+        rows = u.new_empty((u.shape[0],), dtype=accumulation_dtype(u.dtype))
+        return tuple(torch.empty_like(rows) for _ in range(5))
+
+    @torch.library.register_fake(backward_op)
+    def _backward_fake(u, temperature, labels, rows_per_view, lse, grad_lse, grad_pos):
+        return torch.empty_like(u, memory_format=torch.contiguous_format)
+
+    def setup_context(ctx, inputs, output):
+        u, temperature, labels, rows_per_view = inputs
+        lse, pos_sum, _, expected_logit, _ = output
+        ctx.save_for_backward(u, temperature, labels, lse, pos_sum, expected_logit)
+        ctx.rows_per_view = rows_per_view
+
+    def backward(ctx, grad_lse, grad_pos, _grad_count, _grad_expected, _grad_top1):
+        u, temperature, labels, lse, pos_sum, expected_logit = ctx.saved_tensors
+        grad_lse = torch.zeros_like(lse) if grad_lse is None else grad_lse
+        grad_pos = torch.zeros_like(lse) if grad_pos is None else grad_pos
+        grad_u = grad_t = None
+        if ctx.needs_input_grad[0]:
+            grad_u = backward_op(u, temperature, labels, ctx.rows_per_view, lse, grad_lse, grad_pos)
+        if ctx.needs_input_grad[1]:
+            grad_t = -((grad_lse * expected_logit + grad_pos * pos_sum).sum() / temperature).to(temperature.dtype)
+        return grad_u, grad_t, None, None
+
+    torch.library.register_autograd(forward_op, backward, setup_context=setup_context)
+
+
+if _extension.has_cpu_kernels():
+    register_operators(torch.ops.fastntxent.self_forward.default, torch.ops.fastntxent.self_backward.default)
+
+
+# ---------------------------------------------------------------------------------------
+# Losses
+# ---------------------------------------------------------------------------------------
+def _stats(u, tau, pos_sum, pos_count, top1, has_pos) -> dict:
+    """Top-1 accuracy and mean positive / negative cosine, from the kernels' row outputs."""
+    with torch.no_grad():
+        acc = pos_sum.dtype
+        anchors = has_pos.sum().clamp_min(1).to(acc)
+        u = u.to(acc)
+        row_cos = u @ u.sum(0) - (u * u).sum(1)  # Σ_{j≠i} u_i·u_j, O(M·D)
+        pos_cos = pos_sum * tau.detach()
+        M = u.shape[0]
+        pos_pairs = pos_count.sum()
+        neg_pairs = (M * (M - 1) - pos_pairs).clamp_min(1)
+        return {
+            "top1_accuracy": (top1 * has_pos).sum() / anchors,
+            "positive_cosine": pos_cos.sum() / pos_pairs.clamp_min(1),
+            "negative_cosine": (row_cos.sum() - pos_cos.sum()) / neg_pairs,
+            "anchors": has_pos.sum(),
+        }
+
+
+def self_similarity_loss(
+    z: torch.Tensor,
+    labels: torch.Tensor | None,
+    rows_per_view: int,
+    temperature: Scalar,
+    *,
+    normalize: bool = True,
+    reduction: str = "mean",
+    backend: str = "auto",
+    return_stats: bool = False,
+):
+    """Core of the family. z: (M, D); labels: (M,) int64, or None for label(i) = i mod
+    rows_per_view. Returns the loss (fp32; fp64 for fp64 inputs) or (loss, stats)."""
+    check_reduction(reduction)
+    tau = as_temperature(temperature, z)
+    chosen = backends.resolve("self", backend, z.device, z.dtype)
+    u_dtype = chosen.operand_dtype("self", z.dtype)
+    u = normalize_rows(z, u_dtype) if normalize else z.to(u_dtype)
+    lse, pos_sum, pos_count, _, top1 = chosen.operators("self").forward(u, tau, labels, rows_per_view)
+    per_row, has_pos = row_loss(lse, pos_sum, pos_count)
+    loss = reduce_rows(per_row, has_pos, reduction)
+    if return_stats:
+        return loss, _stats(u, tau, pos_sum, pos_count, top1, has_pos)
+    return loss
+
+
+def nt_xent(
+    z1: torch.Tensor,
+    z2: torch.Tensor,
+    temperature: Scalar = 0.5,
+    *,
+    normalize: bool = True,
+    reduction: str = "mean",
+    backend: str = "auto",
+    return_stats: bool = False,
+    gather: bool = False,
+):
+    """SimCLR's NT-Xent. z1, z2: (N, D) two views; row i of z1 and row i of z2 are positives.
+
+    The loss averages over the 2N anchors of cat(z1, z2); `reduction="none"` returns (2N,).
+    `gather=True`: loss of all ranks' rows (torch.distributed), see fastntxent.distributed.
+    """
+    check_pair("z1", z1, "z2", z2)
+    if gather:
+        from .distributed import gathered_nt_xent
+
+        return gathered_nt_xent(z1, z2, temperature, normalize=normalize, reduction=reduction,
+                                backend=backend, return_stats=return_stats)
+    z = torch.cat([z1, z2], dim=0)
+    return self_similarity_loss(
+        z, None, z1.shape[0], temperature, normalize=normalize, reduction=reduction,
+        backend=backend, return_stats=return_stats,
+    )
+
+
+def multiview_nt_xent(
+    views: Union[torch.Tensor, Sequence[torch.Tensor]],
+    temperature: Scalar = 0.5,
+    *,
+    normalize: bool = True,
+    reduction: str = "mean",
+    backend: str = "auto",
+    return_stats: bool = False,
+):
+    """Multi-view NT-Xent. views: (V, N, D) or a list of V tensors (N, D); the positives of a
+    row are the other V−1 views of its sample. Loss over V·N anchors (view-major)."""
+    if isinstance(views, (list, tuple)):
+        if len(views) == 0:
+            raise ValueError("views must hold at least one view")
+        for i, v in enumerate(views):
+            check_embeddings(f"views[{i}]", v)
+            if v.shape != views[0].shape:
+                raise ValueError(f"views[{i}] has shape {tuple(v.shape)}, views[0] has {tuple(views[0].shape)}")
+            if v.dtype != views[0].dtype:
+                raise TypeError(f"views[{i}] has dtype {v.dtype}, views[0] has {views[0].dtype}")
+        check_same_device(**{f"views[{i}]": v for i, v in enumerate(views)})
+        views = torch.stack(list(views))
+    else:
+        check_embeddings("views", views, ndim=3)
+    n_views, rows_per_view, dim = views.shape
+    return self_similarity_loss(
+        views.reshape(n_views * rows_per_view, dim), None, rows_per_view, temperature, normalize=normalize,
+        reduction=reduction, backend=backend, return_stats=return_stats,
+    )
+
+
+def supcon(
+    z: torch.Tensor,
+    labels: torch.Tensor,
+    temperature: Scalar = 0.1,
+    *,
+    normalize: bool = True,
+    reduction: str = "mean",
+    backend: str = "auto",
+    return_stats: bool = False,
+    gather: bool = False,
+):
+    """Supervised contrastive loss (Khosla et al., L_out). z: (M, D), labels: (M,) integer.
+
+    Anchors without a positive contribute 0 and are left out of the mean.
+    `gather=True`: loss of all ranks' rows (torch.distributed), see fastntxent.distributed.
+    """
+    check_embeddings("z", z)
+    labels = check_labels(labels, z.shape[0], z.device)
+    if gather:
+        from .distributed import gathered_supcon
+
+        return gathered_supcon(z, labels, temperature, normalize=normalize, reduction=reduction,
+                               backend=backend, return_stats=return_stats)
+    return self_similarity_loss(
+        z, labels, 1, temperature, normalize=normalize, reduction=reduction,
+        backend=backend, return_stats=return_stats,
+    )
