@@ -23,7 +23,7 @@ import torch
 
 from . import _extension, backends
 from . import distributed as _dist
-from .row_math import accumulation_dtype, normalize_rows, reduce_rows
+from .row_math import accumulation_dtype, any_nonfinite, normalize_rows, poison, poison_gradient, reduce_rows
 from ._validation import Scalar, as_temperature, check_embeddings, check_pair, check_reduction, check_same_device
 
 __all__ = ["info_nce", "clip_loss", "register_operators"]
@@ -125,6 +125,9 @@ def info_nce(
     forward = chosen.operators("cross").forward
     if gather:
         _dist.require_process_group()
+    # Poisoned as a whole: a non-finite key or queue row is a column of every query.
+    bad = any_nonfinite(q, k, queue)
+    q, k, tau = poison_gradient(q, bad), poison_gradient(k, bad), poison_gradient(tau, bad)
     u_dtype = chosen.operand_dtype("cross", q.dtype)
     uq = _rows(q, u_dtype, normalize)
     uk = _rows(k, u_dtype, normalize)
@@ -144,6 +147,7 @@ def info_nce(
         global_rows = M * _dist.world_size()
         if keys_are_negatives:
             keys, offset = _dist.gather_with_grad(uk, "k"), _dist.rank() * M
+            bad = bad | any_nonfinite(keys)
     scale = 1.0 / tau
     lse, pos, _, top1 = forward(uq, keys, uqueue, scale, offset, keys_are_negatives)
     per_row = lse - pos
@@ -151,6 +155,7 @@ def info_nce(
         loss = _dist.reduce_local_rows(per_row, reduction, global_rows)
     else:
         loss = reduce_rows(per_row, torch.ones_like(per_row, dtype=torch.bool), reduction)
+    loss = poison(loss, bad)
     if not return_stats:
         return loss
     with torch.no_grad():
@@ -168,7 +173,7 @@ def info_nce(
             "positive_cosine": sums["pos"] / global_rows,
             "negative_cosine": sums["neg"] / sums["neg_pairs"].clamp_min(1),
         }
-    return loss, stats
+    return loss, {key: poison(v, bad) for key, v in stats.items()}
 
 
 def clip_loss(
@@ -193,6 +198,8 @@ def clip_loss(
     forward = chosen.operators("cross").forward
     if gather:
         _dist.require_process_group()
+    bad = any_nonfinite(a, b)
+    a, b, scale = poison_gradient(a, bad), poison_gradient(b, bad), poison_gradient(scale, bad)
     u_dtype = chosen.operand_dtype("cross", a.dtype)
     ua = _rows(a, u_dtype, normalize)
     ub = _rows(b, u_dtype, normalize)
@@ -201,6 +208,7 @@ def clip_loss(
     if gather:
         all_a, all_b = _dist.gather_with_grad(ua, "a"), _dist.gather_with_grad(ub, "b")
         offset, global_rows = _dist.rank() * M, M * _dist.world_size()
+        bad = bad | any_nonfinite(all_a, all_b)
     lse_ab, pos_ab, _, top1_ab = forward(ua, all_b, None, scale, offset, True)  # rows: a → b
     lse_ba, pos_ba, _, top1_ba = forward(ub, all_a, None, scale, offset, True)  # columns: b → a
     per_row = 0.5 * ((lse_ab - pos_ab) + (lse_ba - pos_ba))
@@ -208,6 +216,7 @@ def clip_loss(
         loss = _dist.reduce_local_rows(per_row, "mean", global_rows)
     else:
         loss = per_row.mean()
+    loss = poison(loss, bad)
     if not return_stats:
         return loss
     with torch.no_grad():
@@ -219,4 +228,4 @@ def clip_loss(
             "positive_cosine": sums["pos"] / global_rows,
             "logit_scale": scale.detach(),
         }
-    return loss, stats
+    return loss, {key: poison(v, bad) for key, v in stats.items()}

@@ -60,3 +60,43 @@ def reduce_rows(per_row: torch.Tensor, has_pos: torch.Tensor, reduction: str) ->
 def implicit_labels(rows: int, rows_per_view: int, device=None) -> torch.Tensor:
     """Labels of view-major multi-view batches: label(i) = i mod rows_per_view, (rows,) int64."""
     return torch.arange(rows, device=device) % rows_per_view
+
+
+# ---------------------------------------------------------------------------------------
+# Non-finite inputs: a NaN or inf anywhere makes every output NaN, in every backend
+# ---------------------------------------------------------------------------------------
+def any_nonfinite(*tensors) -> torch.Tensor:
+    """0-dim bool tensor: some entry of the given tensors (None skipped) is NaN or ±inf.
+    O(size) on the device, no host synchronisation."""
+    flags = [~torch.isfinite(t).all() for t in tensors if t is not None]
+    out = flags[0]
+    for f in flags[1:]:
+        out = out | f
+    return out
+
+
+class _PoisonGradient(torch.autograd.Function):
+    """Identity forward; the backward returns NaN gradients when `bad` is set. Kernels take
+    max/exp shortcuts that can drop a NaN; this makes the gradient of a non-finite input NaN
+    whatever the backend did with it."""
+
+    @staticmethod
+    def forward(ctx, x, bad):
+        ctx.save_for_backward(bad)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (bad,) = ctx.saved_tensors
+        return torch.where(bad, torch.full_like(grad, float("nan")), grad), None
+
+
+def poison_gradient(x: torch.Tensor, bad: torch.Tensor) -> torch.Tensor:
+    """x unchanged; its gradient becomes NaN when `bad` (only wired in when x needs grad)."""
+    return _PoisonGradient.apply(x, bad) if x.requires_grad else x
+
+
+def poison(x: torch.Tensor, bad: torch.Tensor) -> torch.Tensor:
+    """x, or NaN everywhere when `bad`: no finite or infinite value can come out of a
+    non-finite input (the rule of docs/maths.md §5)."""
+    return torch.where(bad, torch.full_like(x, float("nan")), x)

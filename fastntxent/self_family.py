@@ -22,7 +22,7 @@ from typing import Sequence, Union
 import torch
 
 from . import _extension, backends
-from .row_math import accumulation_dtype, normalize_rows, reduce_rows, row_loss
+from .row_math import accumulation_dtype, any_nonfinite, normalize_rows, poison, poison_gradient, reduce_rows, row_loss
 from ._validation import (Scalar, as_temperature, check_embeddings, check_labels, check_pair, check_reduction,
                           check_same_device)
 
@@ -107,13 +107,17 @@ def self_similarity_loss(
     check_reduction(reduction)
     tau = as_temperature(temperature, z)
     chosen = backends.resolve("self", backend, z.device, z.dtype)
+    # Every row is a column of every other: one non-finite entry reaches every output.
+    bad = any_nonfinite(z)
+    z, tau = poison_gradient(z, bad), poison_gradient(tau, bad)
     u_dtype = chosen.operand_dtype("self", z.dtype)
     u = normalize_rows(z, u_dtype) if normalize else z.to(u_dtype)
     lse, pos_sum, pos_count, _, top1 = chosen.operators("self").forward(u, tau, labels, rows_per_view)
     per_row, has_pos = row_loss(lse, pos_sum, pos_count)
-    loss = reduce_rows(per_row, has_pos, reduction)
+    loss = poison(reduce_rows(per_row, has_pos, reduction), bad)
     if return_stats:
-        return loss, _stats(u, tau, pos_sum, pos_count, top1, has_pos)
+        stats = _stats(u, tau, pos_sum, pos_count, top1, has_pos)
+        return loss, {key: poison(v.to(loss.dtype), bad) if v.is_floating_point() else v for key, v in stats.items()}
     return loss
 
 
