@@ -98,7 +98,50 @@ def as_temperature(temperature: Scalar, like: torch.Tensor, name: str = "tempera
             if not (math.isfinite(value) and value > 0):
                 raise ValueError(f"{name} must be finite and > 0, got {value}")
         return temperature.reshape(()).to(device=like.device, dtype=acc)
+    if _compiling():
+        # A float that torch.compile traces symbolically (a temperature schedule): no Python
+        # check is possible; the losses poison their output for a value <= 0 or non-finite.
+        return torch.ones((), dtype=acc, device=like.device) * temperature  # stays symbolic: no recompile per value
     value = float(temperature)
     if not (math.isfinite(value) and value > 0):
         raise ValueError(f"{name} must be finite and > 0, got {value}")
     return torch.tensor(value, dtype=acc, device=like.device)
+
+
+def bad_scalar(scalar: torch.Tensor) -> torch.Tensor:
+    """0-dim bool: the temperature / scale tensor is not finite and > 0 (the check that also
+    runs under torch.compile, where the eager ValueError cannot)."""
+    return ~(torch.isfinite(scalar) & (scalar > 0))
+
+
+def refuse_unsupported_autograd(backend: str, *tensors) -> None:
+    """The fused operators have a first-order reverse-mode autograd formula only: refuse
+    torch.func transforms and forward-mode dual tensors with a clear error (the reference
+    backend supports them all). Double backward is refused in the operators' backward."""
+    if backend == "reference" or _compiling():
+        return
+    from torch.autograd import forward_ad
+
+    for t in tensors:
+        if not isinstance(t, torch.Tensor):
+            continue
+        if torch._C._functorch.is_functorch_wrapped_tensor(t):
+            raise NotImplementedError(
+                f'fastntxent: torch.func transforms (grad, vmap, jvp, jacrev, hessian, ...) are not supported '
+                f'by backend="{backend}"; use backend="reference" under them'
+            )
+        if forward_ad._current_level >= 0 and forward_ad.unpack_dual(t).tangent is not None:
+            raise NotImplementedError(
+                f'fastntxent: forward-mode AD (dual tensors, torch.func.jvp) is not supported by '
+                f'backend="{backend}"; use backend="reference"'
+            )
+
+
+def refuse_double_backward() -> None:
+    """Called in the operators' backward: grad mode is on there only under create_graph=True
+    (double backward, Hessian-vector products), which the first-order formula cannot serve."""
+    if torch.is_grad_enabled() and not _compiling():
+        raise NotImplementedError(
+            "fastntxent: double backward (create_graph=True: Hessian-vector products, gradient "
+            'penalties through the loss) is not supported by the fused backends; use backend="reference"'
+        )

@@ -24,7 +24,8 @@ import torch
 from . import _extension, backends
 from . import distributed as _dist
 from .row_math import accumulation_dtype, any_nonfinite, normalize_rows, poison, poison_gradient, reduce_rows
-from ._validation import Scalar, as_temperature, check_embeddings, check_pair, check_reduction, check_same_device
+from ._validation import (Scalar, as_temperature, bad_scalar, check_embeddings, check_pair, check_reduction,
+                          check_same_device, refuse_double_backward, refuse_unsupported_autograd)
 
 __all__ = ["info_nce", "clip_loss", "register_operators"]
 
@@ -54,6 +55,7 @@ def register_operators(forward_op, backward_op) -> None:
         ctx.keys_are_negatives = keys_are_negatives
 
     def backward(ctx, grad_lse, grad_pos, _grad_expected, _grad_top1):
+        refuse_double_backward()
         q, k, queue, scale, lse, pos, expected_logit = ctx.saved_tensors
         grad_lse = torch.zeros_like(lse) if grad_lse is None else grad_lse
         grad_pos = torch.zeros_like(lse) if grad_pos is None else grad_pos
@@ -126,8 +128,9 @@ def info_nce(
     if gather:
         _dist.require_process_group()
     # Poisoned as a whole: a non-finite key or queue row is a column of every query.
-    bad = any_nonfinite(q, k, queue)
-    q, k, tau = poison_gradient(q, bad), poison_gradient(k, bad), poison_gradient(tau, bad)
+    refuse_unsupported_autograd(chosen.name, q, k, queue, tau)
+    bad = any_nonfinite(q, k, queue) | bad_scalar(tau)
+    q, k = poison_gradient(q, bad), poison_gradient(k, bad)
     u_dtype = chosen.operand_dtype("cross", q.dtype)
     uq = _rows(q, u_dtype, normalize)
     uk = _rows(k, u_dtype, normalize)
@@ -155,7 +158,7 @@ def info_nce(
         loss = _dist.reduce_local_rows(per_row, reduction, global_rows)
     else:
         loss = reduce_rows(per_row, torch.ones_like(per_row, dtype=torch.bool), reduction)
-    loss = poison(loss, bad)
+    loss = poison(loss, bad, tau)
     if not return_stats:
         return loss
     with torch.no_grad():
@@ -198,8 +201,9 @@ def clip_loss(
     forward = chosen.operators("cross").forward
     if gather:
         _dist.require_process_group()
-    bad = any_nonfinite(a, b)
-    a, b, scale = poison_gradient(a, bad), poison_gradient(b, bad), poison_gradient(scale, bad)
+    refuse_unsupported_autograd(chosen.name, a, b, scale)
+    bad = any_nonfinite(a, b) | bad_scalar(scale)
+    a, b = poison_gradient(a, bad), poison_gradient(b, bad)
     u_dtype = chosen.operand_dtype("cross", a.dtype)
     ua = _rows(a, u_dtype, normalize)
     ub = _rows(b, u_dtype, normalize)
@@ -216,7 +220,7 @@ def clip_loss(
         loss = _dist.reduce_local_rows(per_row, "mean", global_rows)
     else:
         loss = per_row.mean()
-    loss = poison(loss, bad)
+    loss = poison(loss, bad, scale)
     if not return_stats:
         return loss
     with torch.no_grad():

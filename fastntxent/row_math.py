@@ -75,28 +75,24 @@ def any_nonfinite(*tensors) -> torch.Tensor:
     return out
 
 
-class _PoisonGradient(torch.autograd.Function):
-    """Identity forward; the backward returns NaN gradients when `bad` is set. Kernels take
-    max/exp shortcuts that can drop a NaN; this makes the gradient of a non-finite input NaN
-    whatever the backend did with it."""
-
-    @staticmethod
-    def forward(ctx, x, bad):
-        ctx.save_for_backward(bad)
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (bad,) = ctx.saved_tensors
-        return torch.where(bad, torch.full_like(grad, float("nan")), grad), None
-
-
 def poison_gradient(x: torch.Tensor, bad: torch.Tensor) -> torch.Tensor:
-    """x unchanged; its gradient becomes NaN when `bad` (only wired in when x needs grad)."""
-    return _PoisonGradient.apply(x, bad) if x.requires_grad else x
+    """x times 1, or times NaN when `bad`: the value is unchanged for finite inputs (exact),
+    and the gradient of a non-finite input comes out NaN whatever a kernel did with it
+    (kernels take max/exp shortcuts that can drop a NaN). Plain tensor ops, so every
+    autograd transform and torch.compile see through it."""
+    if not x.requires_grad:
+        return x
+    return x * torch.where(bad, float("nan"), 1.0).to(x.dtype)
 
 
-def poison(x: torch.Tensor, bad: torch.Tensor) -> torch.Tensor:
-    """x, or NaN everywhere when `bad`: no finite or infinite value can come out of a
-    non-finite input (the rule of docs/maths.md §5)."""
-    return torch.where(bad, torch.full_like(x, float("nan")), x)
+def poison(x: torch.Tensor, bad: torch.Tensor, *scalars: torch.Tensor) -> torch.Tensor:
+    """x times 1, or NaN when `bad` — the value and the gradient that flows back through it.
+    `scalars` (the temperature / logit scale) get a NaN gradient too when `bad`, through a
+    term that is exactly 0 otherwise: their fused gradient is formed from row statistics that
+    a kernel may have computed from laundered values. No finite or infinite value can come out
+    of a non-finite input (docs/maths.md §5)."""
+    out = x * torch.where(bad, float("nan"), 1.0).to(x.dtype)
+    for t in scalars:
+        if t.requires_grad:
+            out = out + ((t - t.detach()) * torch.where(bad, float("nan"), 0.0)).to(out.dtype)
+    return out

@@ -23,8 +23,8 @@ import torch
 
 from . import _extension, backends
 from .row_math import accumulation_dtype, any_nonfinite, normalize_rows, poison, poison_gradient, reduce_rows, row_loss
-from ._validation import (Scalar, as_temperature, check_embeddings, check_labels, check_pair, check_reduction,
-                          check_same_device)
+from ._validation import (Scalar, as_temperature, bad_scalar, check_embeddings, check_labels, check_pair,
+                          check_reduction, check_same_device, refuse_double_backward, refuse_unsupported_autograd)
 
 __all__ = ["nt_xent", "multiview_nt_xent", "supcon", "self_similarity_loss", "register_operators"]
 
@@ -52,6 +52,7 @@ def register_operators(forward_op, backward_op) -> None:
         ctx.rows_per_view = rows_per_view
 
     def backward(ctx, grad_lse, grad_pos, _grad_count, _grad_expected, _grad_top1):
+        refuse_double_backward()
         u, temperature, labels, lse, pos_sum, expected_logit = ctx.saved_tensors
         grad_lse = torch.zeros_like(lse) if grad_lse is None else grad_lse
         grad_pos = torch.zeros_like(lse) if grad_pos is None else grad_pos
@@ -107,14 +108,16 @@ def self_similarity_loss(
     check_reduction(reduction)
     tau = as_temperature(temperature, z)
     chosen = backends.resolve("self", backend, z.device, z.dtype)
-    # Every row is a column of every other: one non-finite entry reaches every output.
-    bad = any_nonfinite(z)
-    z, tau = poison_gradient(z, bad), poison_gradient(tau, bad)
+    refuse_unsupported_autograd(chosen.name, z, tau)
+    # Every row is a column of every other: one non-finite entry reaches every output (and
+    # under torch.compile a temperature <= 0 poisons the result, as the eager check refuses it).
+    bad = any_nonfinite(z) | bad_scalar(tau)
+    z = poison_gradient(z, bad)
     u_dtype = chosen.operand_dtype("self", z.dtype)
     u = normalize_rows(z, u_dtype) if normalize else z.to(u_dtype)
     lse, pos_sum, pos_count, _, top1 = chosen.operators("self").forward(u, tau, labels, rows_per_view)
     per_row, has_pos = row_loss(lse, pos_sum, pos_count)
-    loss = poison(reduce_rows(per_row, has_pos, reduction), bad)
+    loss = poison(reduce_rows(per_row, has_pos, reduction), bad, tau)
     if return_stats:
         stats = _stats(u, tau, pos_sum, pos_count, top1, has_pos)
         return loss, {key: poison(v.to(loss.dtype), bad) if v.is_floating_point() else v for key, v in stats.items()}
