@@ -145,3 +145,19 @@ def refuse_double_backward() -> None:
             "fastntxent: double backward (create_graph=True: Hessian-vector products, gradient "
             'penalties through the loss) is not supported by the fused backends; use backend="reference"'
         )
+
+
+def check_positive_number(name: str, value) -> float:
+    """A module's constructor number (temperature, logit scale): a finite real > 0, not a bool."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float > 0, got {type(value).__name__} {value!r}")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be finite and > 0, got {value!r}")
+    return float(value)
+
+
+def check_flag(name: str, value) -> bool:
+    """A True/False option (not a truthy string or number that would silently mean True)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {type(value).__name__} {value!r}")
+    return value

@@ -8,20 +8,19 @@ from torch import nn
 
 from .cross_family import clip_loss, info_nce
 from .self_family import nt_xent, supcon
-from ._validation import check_backend, check_reduction
+from ._validation import check_backend, check_flag, check_positive_number, check_reduction
 
 
 class _TemperatureModule(nn.Module):
     def __init__(self, temperature: float, learnable_temperature: bool, normalize: bool,
                  reduction: str, backend: str, gather: bool = False):
         super().__init__()
-        self.gather = gather
-        if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
-            raise ValueError(f"temperature must be a finite float > 0, got {temperature!r}")
-        self.normalize = normalize
+        temperature = check_positive_number("temperature", temperature)
+        self.gather = check_flag("gather", gather)
+        self.normalize = check_flag("normalize", normalize)
         self.reduction = check_reduction(reduction)
         self.backend = check_backend(backend)
-        self.learnable_temperature = learnable_temperature
+        self.learnable_temperature = check_flag("learnable_temperature", learnable_temperature)
         if learnable_temperature:
             # Log-parameterised so that the optimiser cannot make it negative.
             self.log_temperature = nn.Parameter(torch.tensor(math.log(temperature)))
@@ -119,15 +118,14 @@ class ClipLoss(nn.Module):
                  max_logit_scale: float | None = 100.0, normalize: bool = True,
                  backend: str = "auto", gather: bool = False):
         super().__init__()
-        if not (isinstance(logit_scale, (int, float)) and math.isfinite(logit_scale) and logit_scale > 0):
-            raise ValueError(f"logit_scale must be a finite float > 0, got {logit_scale!r}")
-        if max_logit_scale is not None and not max_logit_scale > 0:
-            raise ValueError(f"max_logit_scale must be > 0 or None, got {max_logit_scale!r}")
-        self.learnable = learnable
+        logit_scale = check_positive_number("logit_scale", logit_scale)
+        if max_logit_scale is not None:
+            max_logit_scale = check_positive_number("max_logit_scale", max_logit_scale)
+        self.learnable = check_flag("learnable", learnable)
         self.max_logit_scale = max_logit_scale
-        self.normalize = normalize
+        self.normalize = check_flag("normalize", normalize)
         self.backend = check_backend(backend)
-        self.gather = gather
+        self.gather = check_flag("gather", gather)
         if learnable:
             self.log_logit_scale = nn.Parameter(torch.tensor(math.log(logit_scale)))
         else:

@@ -11,6 +11,9 @@ import torch
 
 FORMAT = "fastntxent.train/1"
 LAST = "last.pt"
+# Entries a resumable checkpoint must hold (save() in trainer.py writes them all).
+REQUIRED = ("structural", "config", "world_size", "epoch", "step_in_epoch", "global_step", "model",
+            "optimizer", "scheduler", "rng", "history", "accum")
 
 
 class CheckpointError(RuntimeError):
@@ -86,8 +89,42 @@ def load_checkpoint(path: str, map_location="cpu") -> dict:
         got = state.get("format") if isinstance(state, dict) else type(state).__name__
         raise CheckpointError(f"{path!r} is not a fastntxent training checkpoint "
                               f"(format {got!r}, expected {FORMAT!r}).")
+    missing = [k for k in REQUIRED if k not in state]
+    if missing:
+        raise CheckpointError(f"checkpoint {path!r} lacks the entries {missing} (written by another "
+                              f"version, or edited); resume from an intact checkpoint or drop --resume.")
     state["path"] = path
     return state
+
+
+def remove_stale_temporaries(directory: str) -> list:
+    """Delete `*.tmp.<pid>` files a killed checkpoint write left behind in `directory` (the
+    checkpoint itself is safe: the rename never happened). Files of a live process are kept."""
+    removed = []
+    if not os.path.isdir(directory):
+        return removed
+    for name in os.listdir(directory):
+        stem, sep, pid = name.rpartition(".tmp.")
+        if not sep or not pid.isdigit() or not stem:
+            continue
+        if int(pid) != os.getpid() and _alive(int(pid)):
+            continue
+        try:
+            os.remove(os.path.join(directory, name))
+            removed.append(name)
+        except OSError:
+            pass
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def check_compatible(state: dict, structural: dict) -> None:

@@ -10,7 +10,7 @@ import dataclasses
 import sys
 import typing
 
-from .config import ARCHS, DATASETS, METHODS, OPTIMIZERS, TrainConfig
+from .config import ARCHS, DATASETS, METHODS, OPTIMIZERS, ConfigError, TrainConfig
 
 _HELP = {
     "method": "simclr (NT-Xent) or moco (MoCo v2, InfoNCE with a memory queue)",
@@ -20,7 +20,9 @@ _HELP = {
     "arch": "encoder: digits_cnn, resnet18, resnet50 (auto: digits_cnn on digits, else resnet18)",
     "cifar_stem": "ResNet 3x3 stride-1 first conv without max-pool (default: on for CIFAR)",
     "epochs": "training epochs (default 60 on digits, 1000 otherwise)",
-    "stop_after_epochs": "checkpoint and exit after this epoch (a time slice of a longer run)",
+    "stop_after_epochs": "checkpoint and exit after this epoch (a time slice of a longer run; >= 1)",
+    "knn_every": "kNN evaluation every this many epochs (0: only after the last)",
+    "ckpt_every": "checkpoint every this many epochs (0: only at the end and on a stop)",
     "batch_size": "batch size per process (default 256)",
     "lr": "learning rate per 256 samples of global batch, scaled linearly",
     "temperature": "loss temperature (default 0.2)",
@@ -61,6 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     cfg = TrainConfig(**vars(args))
+    try:
+        cfg.resolved()  # every value checked before anything starts
+    except ConfigError as e:
+        print(f"fastntxent-pretrain: error: {e}", file=sys.stderr)
+        return 2
     from .checkpoint import CheckpointError
     from .data import DataNotFoundError
     from .trainer import TrainingInterrupted, run

@@ -18,6 +18,42 @@ STRUCTURAL_FIELDS = (
 )
 
 
+class ConfigError(ValueError):
+    """A setting is out of range; the message names the command-line flag."""
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+# (field, lowest allowed, whether the lowest is allowed, highest allowed or None)
+_RANGES = (
+    ("width", 1, True, None), ("proj_hidden_dim", 1, True, None), ("proj_output_dim", 1, True, None),
+    ("queue_size", 1, True, None), ("epochs", 1, True, None), ("stop_after_epochs", 1, True, None),
+    ("batch_size", 2, True, None), ("lr", 0.0, False, None), ("weight_decay", 0.0, True, None),
+    ("momentum", 0.0, True, 1.0), ("momentum_base", 0.0, True, 1.0), ("momentum_final", 0.0, True, 1.0),
+    ("lars_eta", 0.0, False, None), ("warmup_epochs", 0.0, True, None), ("min_lr", 0.0, True, None),
+    ("jitter_strength", 0.0, True, None), ("min_scale", 0.0, False, 1.0), ("blur_prob", 0.0, True, 1.0),
+    ("crop_size", 1, True, None), ("knn_k", 1, True, None), ("knn_temperature", 0.0, False, None),
+    ("knn_every", 0, True, None), ("probe_weight_decay", 0.0, True, None), ("num_workers", 0, True, None),
+    ("ckpt_every", 0, True, None), ("temperature", 0.0, False, None),
+)
+
+
+def _check_values(c: "TrainConfig") -> None:
+    """Every numeric setting is a finite number in its range: a one-line ConfigError naming
+    the flag otherwise (`--stop-after-epochs 0` is refused, not read as "not set")."""
+    for name, low, low_ok, high in _RANGES:
+        v = getattr(c, name)
+        if v is None:
+            continue
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v or v in (float("inf"), float("-inf")):
+            raise ConfigError(f"{_flag(name)} must be a finite number, got {v!r}")
+        if v < low or (v == low and not low_ok) or (high is not None and v > high):
+            bound = (f">= {low}" if low_ok else f"> {low}") + (f" and <= {high}" if high is not None else "")
+            raise ConfigError(f"{_flag(name)} must be {bound}, got {v!r}")
+
+
 @dataclass
 class TrainConfig:
     # what to train
@@ -79,13 +115,13 @@ class TrainConfig:
         """A copy with every None/auto default filled in for this method and dataset."""
         c = dataclasses.replace(self, extra=dict(self.extra))
         if c.method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {c.method!r}")
+            raise ConfigError(f"--method must be one of {METHODS}, got {c.method!r}")
         if c.dataset not in DATASETS:
-            raise ValueError(f"dataset must be one of {DATASETS}, got {c.dataset!r}")
+            raise ConfigError(f"--dataset must be one of {DATASETS}, got {c.dataset!r}")
         if c.arch not in ARCHS:
-            raise ValueError(f"arch must be one of {ARCHS}, got {c.arch!r}")
+            raise ConfigError(f"--arch must be one of {ARCHS}, got {c.arch!r}")
         if c.optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {c.optimizer!r}")
+            raise ConfigError(f"--optimizer must be one of {OPTIMIZERS}, got {c.optimizer!r}")
         digits = c.dataset == "digits"
         moco = c.method == "moco"
         if c.arch == "auto":
@@ -122,10 +158,7 @@ class TrainConfig:
                            "imagefolder": 224}[c.dataset]
         if c.blur_prob is None:
             c.blur_prob = 0.5 if c.crop_size >= 64 else 0.0
-        if c.epochs < 1 or c.batch_size < 2:
-            raise ValueError("epochs must be >= 1 and batch_size >= 2")
-        if c.temperature <= 0:
-            raise ValueError("temperature must be > 0")
+        _check_values(c)
         return c
 
     def to_dict(self) -> dict:

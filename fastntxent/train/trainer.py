@@ -142,6 +142,8 @@ def run(cfg: TrainConfig, log=print) -> dict:
     ckpt_path = os.path.join(run_dir, C.LAST)
     if main:
         os.makedirs(run_dir, exist_ok=True)
+        for name in C.remove_stale_temporaries(run_dir):
+            say(f"removed {name}, left by an interrupted checkpoint write")
         conf = dict(cfg.to_dict(), world_size=world, global_batch=global_batch, scaled_lr=lr,
                     steps_per_epoch=spe, device=str(device), run_dir=run_dir,
                     data=dict(bundle.info, num_classes=bundle.num_classes))
@@ -174,7 +176,7 @@ def run(cfg: TrainConfig, log=print) -> dict:
 
     from tqdm.auto import tqdm
 
-    stop_epoch = min(cfg.epochs, cfg.stop_after_epochs or cfg.epochs)
+    stop_epoch = cfg.epochs if cfg.stop_after_epochs is None else min(cfg.epochs, cfg.stop_after_epochs)
     with _StopOnSignal() as stop:
         for epoch in range(start_epoch, stop_epoch):
             method.train()
