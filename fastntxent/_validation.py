@@ -81,7 +81,8 @@ def check_backend(backend: str) -> str:
 def as_temperature(temperature: Scalar, like: torch.Tensor, name: str = "temperature") -> torch.Tensor:
     """A 0-dim tensor in the accumulation dtype of `like`, on its device, keeping autograd.
 
-    Floats and 0-dim tensors are accepted; the value must be finite and > 0.
+    Floats and 0-dim tensors are accepted; a float must be finite and > 0 (ValueError).
+    No host synchronisation: a float becomes a device tensor by a fill, not a copy.
     """
     acc = torch.float64 if like.dtype == torch.float64 else torch.float32
     if isinstance(temperature, bool) or not isinstance(temperature, (float, int, torch.Tensor)):
@@ -93,10 +94,9 @@ def as_temperature(temperature: Scalar, like: torch.Tensor, name: str = "tempera
             raise TypeError(f"{name} must be a floating tensor, got dtype {temperature.dtype}")
         if temperature.device != like.device and temperature.device.type != "cpu":
             raise ValueError(f"{name} is on {temperature.device} but the embeddings are on {like.device}")
-        if not _compiling():
-            value = float(temperature.detach())
-            if not (math.isfinite(value) and value > 0):
-                raise ValueError(f"{name} must be finite and > 0, got {value}")
+        # Its value is never read on the host (that would synchronise with the GPU every
+        # call): a value <= 0 or non-finite makes the loss NaN (bad_scalar), and the C++ CPU
+        # kernel refuses it.
         return temperature.reshape(()).to(device=like.device, dtype=acc)
     if _compiling():
         # A float that torch.compile traces symbolically (a temperature schedule): no Python
@@ -105,7 +105,7 @@ def as_temperature(temperature: Scalar, like: torch.Tensor, name: str = "tempera
     value = float(temperature)
     if not (math.isfinite(value) and value > 0):
         raise ValueError(f"{name} must be finite and > 0, got {value}")
-    return torch.tensor(value, dtype=acc, device=like.device)
+    return torch.full((), value, dtype=acc, device=like.device)  # a fill on the device: no host copy
 
 
 def bad_scalar(scalar: torch.Tensor) -> torch.Tensor:

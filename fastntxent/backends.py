@@ -49,13 +49,12 @@ class Backend:
 
     def operand_dtype(self, family: str, dtype: torch.dtype) -> torch.dtype:
         """dtype the normalised rows are handed over in. GPU kernels take the input dtype
-        (tensor cores); the CPU kernels compute in the accumulation dtype (fp64 stays fp64,
-        else fp32) and take rows in it rather than rows rounded back to bf16/fp16. The
-        reference of the self family sees the rows rounded as the GPU kernels do (then
-        computes in the accumulation dtype); that of the cross family, as the CPU kernels."""
-        if self.name == "cpu" or (self.name == "reference" and family == "cross"):
-            return accumulation_dtype(dtype)
-        return dtype
+        (tensor cores), and so does the reference, which then computes in the accumulation
+        dtype: it sees the rows rounded as the GPU kernels do, so that "the reference's own
+        error in that dtype" is a fair bound for them. The CPU kernels compute in the
+        accumulation dtype (fp64 stays fp64, else fp32) and take rows in it rather than rows
+        rounded back to bf16/fp16."""
+        return accumulation_dtype(dtype) if self.name == "cpu" else dtype
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -154,12 +153,18 @@ def _reference_self_rows(u, temperature, labels, rows_per_view):
     return reference.self_similarity_rows(u.to(accumulation_dtype(u.dtype)), temperature, labels, rows_per_view)
 
 
-def _reference_operators(family: str) -> Operators:
+def _reference_cross_rows(q, k, queue, scale, pos_offset, keys_are_negatives):
     from . import reference
 
+    acc = accumulation_dtype(q.dtype)
+    return reference.cross_similarity_rows(q.to(acc), k.to(acc), None if queue is None else queue.to(acc), scale,
+                                           pos_offset, keys_are_negatives)
+
+
+def _reference_operators(family: str) -> Operators:
     if family == "self":
         return Operators(_reference_self_rows, None)
-    return Operators(reference.cross_similarity_rows, None)
+    return Operators(_reference_cross_rows, None)
 
 
 BACKENDS = {

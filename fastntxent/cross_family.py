@@ -170,7 +170,7 @@ def info_nce(
             neg = neg - pos_cos.sum()
         neg_pairs = M * (cols.shape[0] - (1 if keys_are_negatives else 0))
         sums = _sum_stats(gather, top1=top1.sum(), pos=pos_cos.sum(), neg=neg,
-                          neg_pairs=torch.tensor(float(neg_pairs), dtype=acc, device=q.device))
+                          neg_pairs=torch.full((), float(neg_pairs), dtype=acc, device=q.device))
         stats = {
             "top1_accuracy": sums["top1"] / global_rows,
             "positive_cosine": sums["pos"] / global_rows,
