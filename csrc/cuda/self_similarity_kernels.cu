@@ -12,6 +12,8 @@
 // Index arithmetic on rows and offsets is 64-bit.
 #include "self_similarity_kernels.h"
 
+#include "launch.h"
+
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <mma.h>
@@ -261,7 +263,9 @@ __global__ void __launch_bounds__(kThreads)
     }
     psum += tpos;
     cnt += tcnt;
+#ifndef FASTNTXENT_EMULATION_DROP_BARRIER  // test switch (tests/test_cuda_emulation.py): ThreadSanitizer must see the race
     __syncthreads();  // the next tile overwrites S and the column labels
+#endif
   }
   if (row_ok && h == 0) {
     lse[i] = l > 0.f ? m + logf(l) : neg_inf;
@@ -327,7 +331,11 @@ __global__ void __launch_bounds__(kThreads)
           const float s = sm.S[r * kSLd + c] * inv_tau;
           if (ak != 0.f) v += ak * __expf(s - lk);
           const float aj = sm.col_a[c];
+#ifndef FASTNTXENT_EMULATION_READ_PAST_END  // test switch (tests/test_cuda_emulation.py): AddressSanitizer must see it
           if (aj != 0.f) v += aj * __expf(s - sm.col_lse[c]);
+#else
+          if (aj != 0.f) v += aj * __expf(s - sm.col_lse[c + 1]);  // c = 63: one past the end of smem
+#endif
           if (sm.col_label[c] == labk) v += bk + sm.col_b[c];
         }
         H[r * L::kHLd + c] = from_float<Mix>(v);  // fp32: in place of S, same thread, same element
@@ -393,18 +401,18 @@ inline unsigned row_blocks(int64_t M) { return static_cast<unsigned>((M + kRows 
 template <typename T>
 cudaError_t launch_forward(const SelfProblem& p, float* lse, float* pos_sum, float* pos_count,
                            float* ps_sum, float* top1, cudaStream_t stream) {
-  forward_kernel<T><<<row_blocks(p.M), kThreads, 0, stream>>>(
-      static_cast<const T*>(p.u), p.M, p.D, p.row_stride, p.temperature, p.labels, p.period, lse,
-      pos_sum, pos_count, ps_sum, top1);
+  FASTNTXENT_LAUNCH(forward_kernel<T>, row_blocks(p.M), kThreads, stream,
+                    static_cast<const T*>(p.u), p.M, p.D, p.row_stride, p.temperature, p.labels, p.period, lse,
+                    pos_sum, pos_count, ps_sum, top1);
   return cudaGetLastError();
 }
 
 template <typename T>
 cudaError_t launch_backward(const SelfProblem& p, const float* lse, const float* grad_lse,
                             const float* grad_pos, float* grad_u, cudaStream_t stream) {
-  backward_kernel<T><<<row_blocks(p.M), kThreads, 0, stream>>>(
-      static_cast<const T*>(p.u), p.M, p.D, p.row_stride, p.temperature, p.labels, p.period, lse,
-      grad_lse, grad_pos, grad_u);
+  FASTNTXENT_LAUNCH(backward_kernel<T>, row_blocks(p.M), kThreads, stream,
+                    static_cast<const T*>(p.u), p.M, p.D, p.row_stride, p.temperature, p.labels, p.period, lse,
+                    grad_lse, grad_pos, grad_u);
   return cudaGetLastError();
 }
 
