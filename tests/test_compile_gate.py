@@ -1,0 +1,94 @@
+"""The ahead-of-time Triton compile gate (.ci/compile_triton.py) keeps working.
+
+One kernel, one config, one target (a few seconds); plus the script's copies of
+`common.kernel_flags` and of triton's argument specialisation agree with the originals, so
+the gate compiles what the launchers would launch."""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / ".ci" / "compile_triton.py"
+
+
+def _gate():
+    spec = importlib.util.spec_from_file_location("compile_triton_gate", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _ptxas():
+    try:
+        import triton  # noqa: F401
+        return _gate().find_tool("ptxas")
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def test_compile_one_kernel(tmp_path):
+    if not _ptxas():
+        pytest.skip("ptxas (shipped with triton's NVIDIA backend) is not available")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = tmp_path / "rows.json"
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--only", "self_fwd_kernel", "--configs", "fallback", "--variants", "default",
+         "--dtypes", "bf16", "--dims", "128", "--targets", "80", "--jobs", "1", "--json", str(out)],
+        capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    header = next(line for line in proc.stdout.splitlines() if line.startswith("kernel"))
+    for col in ("regs", "spill B", "smem B", "compile s"):
+        assert col in header
+    assert "compile gate: passed" in proc.stdout
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 1
+    r = rows[0]
+    assert r["error"] is None and r["status"] == "ok"
+    assert r["kernel"] == "self_fwd_kernel" and r["target"] == 80 and r["fallback"]
+    assert 0 < r["regs"] <= 255 and r["shared"] > 0 and r["spill_bytes"] == 0
+    assert r["mma"] > 0  # bf16 products on tensor cores (mma.sync on sm_80)
+
+
+def test_kernel_flags_match_launchers():
+    torch = pytest.importorskip("torch")
+    from fastntxent._triton import common, tiles
+
+    gate = _gate()
+    names = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+    try:
+        for prec in ("tf32", "ieee", "tf32x3"):
+            common.set_fp32_precision(prec)
+            for dtype, name in names.items():
+                for D in (16, 100, 128, 256, 512):
+                    for cap in ((7, 5), (8, 0), (9, 0)):
+                        want = common.kernel_flags(dtype, D, cap)
+                        got = gate.kernel_flags(tiles, name, prec, D, cap[0] * 10 + cap[1])
+                        assert (got["CAST_F32"], got["PREC"], got["H_BF16"], got["BLOCK_D"], got["D_CHUNKS"],
+                                got["BLOCK_DO"]) == tuple(want), (name, prec, D, cap)
+    finally:
+        common.set_fp32_precision(None)
+
+
+def test_specialisation_matches_triton_runtime():
+    jit = pytest.importorskip("triton.runtime.jit")
+    if not hasattr(jit, "native_specialize_impl"):
+        pytest.skip("this triton has no native_specialize_impl")
+    import triton.language as tl
+    from triton.backends.nvidia.compiler import CUDABackend
+
+    gate = _gate()
+    for v in (0, 1, 2, 16, 100, 128, 4096, 4097, -1, 2**31 - 16, 2**31, 2**40):
+        ty, attr = jit.native_specialize_impl(CUDABackend, v, False, True, True)[:2]
+        got_ty, div16, const = gate.specialize(v)
+        assert got_ty == ty, v
+        assert (const == 1) == (ty == "constexpr"), v
+        if ty != "constexpr":
+            assert div16 == ("D" in (attr or "")), v
+    for dt, name in ((tl.bfloat16, "bf16"), (tl.float16, "fp16"), (tl.float32, "fp32"), (tl.int64, "i64")):
+        ty, attr = jit.native_specialize_impl(CUDABackend, jit.MockTensor(dt), False, True, True)[:2]
+        assert gate.specialize(gate.P(name))[:2] == (ty, "D" in attr)
