@@ -92,19 +92,50 @@ def loss_and_grads(call, z, tau, dtype, device, backend, reduction, upstream):
     return loss.detach(), zz.grad, t.grad
 
 
-def check_against_reference(call, z, tau, dtype, device, reduction, backend, tol=None, what=""):
+def check_against_reference(call, z, tau, dtype, device, reduction, backend, tol=None, what="", split=None,
+                            upstream_rows=None):
     """Loss, ∂z, ∂τ of `backend` in `dtype` against the float64 reference on the same rounded
     inputs. Bound: `tol`, or TOLERANCE[dtype] — for bf16/fp16 at least twice the error of the
     reference itself on the same low-precision input (flash-attention's rule: at τ = 0.01 the
-    rounding of the unit rows alone is amplified 100×)."""
+    rounding of the unit rows alone is amplified 100×).
+
+    `split` = rows of the first input when z stacks two (the cross family's q and k): ∂z is
+    then checked as ∂q and ∂k separately. `upstream_rows`: length of the per-row loss for
+    reduction="none" (default: all rows of z)."""
     z = z.to(dtype).to(torch.float64)
-    upstream = torch.rand(z.shape[0], dtype=torch.float64) + 0.5
+    upstream = torch.rand(upstream_rows or z.shape[0], dtype=torch.float64) + 0.5
     ref = loss_and_grads(call, z, tau, torch.float64, device, "reference", reduction, upstream)
     got = loss_and_grads(call, z, tau, dtype, device, backend, reduction, upstream)
     low = dtype in (torch.bfloat16, torch.float16)
     base = loss_and_grads(call, z, tau, dtype, device, "reference", reduction, upstream) if low else ref
-    for name, g, r, b in zip(("loss", "dz", "dtau"), got, ref, base):
+
+    def parts(res):
+        loss, dz, dt = res
+        return (loss, dz, dt) if split is None else (loss, dz[:split], dz[split:], dt)
+
+    names = ("loss", "dz", "dtau") if split is None else ("loss", "dq", "dk", "dtau")
+    for name, g, r, b in zip(names, parts(got), parts(ref), parts(base)):
         assert g.device.type == torch.device(device).type
         assert torch.isfinite(g).all(), f"{what} {name} has NaN/inf"
         bound = tol if tol is not None else max(TOLERANCE[dtype], 2 * rel_err(b, r))
         assert_rel_close(g, r, bound, f"{what} {name}")
+
+
+def cross_family_inputs(mode, M, D, K, device):
+    """float64 q and k stacked (2M, D) on the CPU and `loss(z, τ, **kw)` for the mode:
+    "info_nce" (in-batch keys), "info_nce_queue" (a (K, D) queue) or "clip" (τ is 1/scale)."""
+    z = torch.randn(2 * M, D, dtype=torch.float64)
+    if mode == "info_nce":
+        return z, lambda zz, t, **kw: fx.info_nce(zz[:M], zz[M:], None, t, **kw)
+    if mode == "info_nce_queue":
+        queue = torch.randn(K, D, dtype=torch.float64)
+        return z, lambda zz, t, **kw: fx.info_nce(zz[:M], zz[M:], queue.to(zz.device, zz.dtype), t, **kw)
+
+    def clip(zz, t, *, reduction, **kw):
+        assert reduction == "mean", "clip_loss has no reduction option"
+        return fx.clip_loss(zz[:M], zz[M:], 1 / t, **kw)
+    return z, clip
+
+
+# Backends of the cross family (the CUDA C++ kernels cover the self family only).
+CROSS_BACKEND_CASES = [c for c in BACKEND_CASES if c.values[0] != "cuda"]
