@@ -16,7 +16,6 @@ pytest.importorskip("tqdm")
 pytest.importorskip("torchvision")
 
 from fastntxent.train import TrainConfig, run  # noqa: E402
-from fastntxent.train import moco  # noqa: E402
 from fastntxent.train.checkpoint import CheckpointError, load_checkpoint  # noqa: E402
 from fastntxent.train.cli import main  # noqa: E402
 from fastntxent.train.data import DataNotFoundError  # noqa: E402
@@ -43,8 +42,6 @@ def test_simclr_beats_random_init(tmp_path):
         assert os.path.isfile(os.path.join(s["run_dir"], f)), f
 
 
-@pytest.mark.skipif(not moco.available(),
-                    reason="fastntxent.InfoNCELoss / fastntxent.MemoryQueue not in this build yet")
 def test_moco_beats_random_init(tmp_path):
     s = run(_cfg(tmp_path, method="moco", epochs=20), log=_quiet)
     margin = s["probe_accuracy"] - s["baseline_probe_accuracy"]
@@ -70,8 +67,6 @@ def _assert_same_state(a, b):
 
 @pytest.mark.parametrize("method", ["simclr", "moco"])
 def test_resume_is_bit_exact(tmp_path, method):
-    if method == "moco" and not moco.available():
-        pytest.skip("fastntxent.InfoNCELoss / fastntxent.MemoryQueue not in this build yet")
     common = dict(method=method, epochs=2, probe=False, knn_every=1)
     run(_cfg(tmp_path, run_dir=str(tmp_path / "straight"), **common), log=_quiet)
     run(_cfg(tmp_path, run_dir=str(tmp_path / "sliced"), stop_after_epochs=1, **common), log=_quiet)

@@ -11,7 +11,7 @@ import torch
 
 FORMAT = "fastntxent.train/1"
 LAST = "last.pt"
-# Entries a resumable checkpoint must hold (save() in trainer.py writes them all).
+# Entries a resumable checkpoint must hold (Trainer._save in trainer.py writes them all).
 REQUIRED = ("structural", "config", "world_size", "epoch", "step_in_epoch", "global_step", "model",
             "optimizer", "scheduler", "rng", "history", "accum")
 
@@ -47,7 +47,7 @@ def set_rng_state(s: dict) -> None:
             torch.cuda.set_rng_state_all(cuda)
 
 
-def save_checkpoint(path: str, state: dict) -> str:
+def save_checkpoint(path: str, state: dict) -> None:
     """Write atomically: a crash mid-write leaves the previous checkpoint intact."""
     state = dict(state, format=FORMAT)
     d = os.path.dirname(os.path.abspath(path))
@@ -62,7 +62,6 @@ def save_checkpoint(path: str, state: dict) -> str:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-    return path
 
 
 def resolve_path(path: str) -> str:

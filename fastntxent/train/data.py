@@ -64,7 +64,6 @@ class DataBundle:
     kind: str                     # "tensor" or "dataset"
     num_classes: int
     in_channels: int
-    image_size: int
     # kind == "tensor": images in [0, 1], (N, C, H, W)
     train_images: Optional[torch.Tensor] = None
     train_labels: Optional[torch.Tensor] = None
@@ -96,7 +95,7 @@ def load_digits_bundle() -> DataBundle:
     idx_tr, idx_te = torch.tensor(sorted(idx_tr)), torch.tensor(sorted(idx_te))
     xtr = x[idx_tr]
     return DataBundle(
-        name="digits", kind="tensor", num_classes=10, in_channels=1, image_size=8,
+        name="digits", kind="tensor", num_classes=10, in_channels=1,
         train_images=xtr, train_labels=y[idx_tr], test_images=x[idx_te], test_labels=y[idx_te],
         mean=xtr.mean().reshape(1, 1, 1, 1), std=xtr.std().reshape(1, 1, 1, 1),
         info={"train": len(idx_tr), "test": len(idx_te)})
@@ -166,8 +165,7 @@ def load_torchvision_bundle(cfg) -> DataBundle:
             raise
         raise _missing(name, root, str(e)) from e
     return DataBundle(name=name, kind="dataset", num_classes=ncls, in_channels=3,
-                      image_size=cfg.crop_size, pretrain_set=sets[0], train_eval_set=sets[1],
-                      test_eval_set=sets[2],
+                      pretrain_set=sets[0], train_eval_set=sets[1], test_eval_set=sets[2],
                       info={"train": len(sets[1]), "test": len(sets[2]), "pretrain": len(sets[0])})
 
 

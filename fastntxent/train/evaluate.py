@@ -6,6 +6,8 @@ streams, and therefore resume-exactness, untouched.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
@@ -13,16 +15,15 @@ from .data import eval_batches
 
 
 @torch.no_grad()
-def extract_features(backbone, bundle, split: str, device, autocast=None, num_workers: int = 0):
+def extract_features(backbone, bundle, split: str, device, autocast=contextlib.nullcontext,
+                     num_workers: int = 0):
+    """(N, F) float32 features of the split's images and their (N,) labels, in eval mode."""
     was_training = backbone.training
     backbone.eval()
     feats, labels = [], []
     try:
         for x, y in eval_batches(bundle, split, device, num_workers=num_workers):
-            if autocast is not None:
-                with autocast():
-                    f = backbone(x)
-            else:
+            with autocast():
                 f = backbone(x)
             feats.append(f.float())
             labels.append(y.to(device))
@@ -72,7 +73,10 @@ def linear_probe(train_f, train_y, test_f, test_y, num_classes: int, weight_deca
     return {"train_accuracy": train_acc, "test_accuracy": test_acc}
 
 
-def evaluate_backbone(backbone, bundle, device, cfg, probe: bool, autocast=None) -> dict:
+def evaluate_backbone(backbone, bundle, device, cfg, probe: bool,
+                      autocast=contextlib.nullcontext) -> dict:
+    """{"knn_accuracy"} and, with probe, {"probe_accuracy", "probe_train_accuracy"} (test and
+    train accuracy of the linear probe); `autocast` is a context-manager factory."""
     tr_f, tr_y = extract_features(backbone, bundle, "train", device, autocast, cfg.num_workers)
     te_f, te_y = extract_features(backbone, bundle, "test", device, autocast, cfg.num_workers)
     out = {"knn_accuracy": knn_accuracy(tr_f, tr_y, te_f, te_y, bundle.num_classes, cfg.knn_k,

@@ -1,10 +1,6 @@
 """MoCo v2 (Chen et al. 2020): query encoder, momentum key encoder (m: base -> final on a
-cosine), a MemoryQueue of past keys as the negatives, the fused InfoNCE loss (tau = 0.2),
-optionally the symmetric loss of solo-learn's MoCo v2+.
-
-Needs ``fastntxent.InfoNCELoss`` and ``fastntxent.MemoryQueue``; ``available()`` says whether
-this build has them.
-"""
+cosine), a MemoryQueue of past keys as the negatives, the fused InfoNCE loss, optionally the
+symmetric loss of solo-learn's MoCo v2+."""
 from __future__ import annotations
 
 import copy
@@ -15,23 +11,17 @@ from torch import nn
 
 import fastntxent as fx
 
+from .method import Stats
 from .models import projection_head
 from .optim import cosine_momentum
 
 
-def available() -> bool:
-    return hasattr(fx, "InfoNCELoss") and hasattr(fx, "MemoryQueue")
-
-
-def require() -> None:
-    if not available():
-        raise RuntimeError("MoCo needs fastntxent.InfoNCELoss and fastntxent.MemoryQueue, which "
-                           "this build of fastntxent does not have (update fastntxent).")
-
-
 class MoCo(nn.Module):
+    """A PretrainMethod (see method.py). Each rank's loss is its local mean (DDP's gradient
+    average makes it the global one); the queue stays identical on every rank because
+    MemoryQueue gathers all ranks' keys when it enqueues."""
+
     def __init__(self, cfg, backbone: nn.Module):
-        require()
         super().__init__()
         self.backbone = backbone
         self.projector = projection_head(backbone.out_dim, cfg.proj_hidden_dim, cfg.proj_output_dim,
@@ -47,40 +37,33 @@ class MoCo(nn.Module):
         self.symmetric = cfg.symmetric
         self.m_base, self.m_final = cfg.momentum_base, cfg.momentum_final
 
-    def _loss(self, q, k, queue):
-        # negatives = the queue only (MoCo v2); each rank's loss is its local mean and DDP's
-        # gradient average makes it the global one, while the queue itself is kept identical
-        # on every rank by MemoryQueue's gathered enqueue.
-        return self.loss_fn(q, k, queue=queue, return_stats=True)
-
     @torch.no_grad()
-    def _keys(self, x):
+    def _keys(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, proj_output_dim) float32 unit keys from the momentum encoder."""
         return F.normalize(self.momentum_projector(self.momentum_backbone(x)).float(), dim=1)
 
-    def forward(self, x1: torch.Tensor, x2: torch.Tensor):
-        queue = self.queue.keys.clone().detach()  # negatives: the queue as it was before this batch
+    def forward(self, x1: torch.Tensor, x2: torch.Tensor) -> tuple[torch.Tensor, Stats]:
+        queue = self.queue.keys.clone()  # negatives: the queue as it was before this batch
         if self.symmetric:
             q1, q2 = self.projector(self.backbone(torch.cat([x1, x2]))).chunk(2)
             k1, k2 = self._keys(torch.cat([x1, x2])).chunk(2)
-            l1, s1 = self._loss(q1, k2, queue)
-            l2, s2 = self._loss(q2, k1, queue)
+            l1, s1 = self.loss_fn(q1, k2, queue=queue, return_stats=True)
+            l2, s2 = self.loss_fn(q2, k1, queue=queue, return_stats=True)
             loss = (l1 + l2) / 2
-            stats = {k: (s1[k] + s2[k]) / 2 for k in s1 if k in s2}
+            stats = {k: (s1[k] + s2[k]) / 2 for k in s1}
             new_keys = torch.cat([k1, k2])
         else:
             q1 = self.projector(self.backbone(x1))
-            k2 = self._keys(x2)
-            loss, stats = self._loss(q1, k2, queue)
-            new_keys = k2
-        self.queue.enqueue(new_keys.detach())
+            new_keys = self._keys(x2)
+            loss, stats = self.loss_fn(q1, new_keys, queue=queue, return_stats=True)
+        self.queue.enqueue(new_keys)
         return loss, stats
 
     @torch.no_grad()
-    def after_step(self, step: int, total_steps: int) -> dict:
+    def after_step(self, step: int, total_steps: int) -> None:
         """EMA of the query encoder into the key encoder, m on a cosine from base to final."""
         m = cosine_momentum(step, total_steps, self.m_base, self.m_final)
         for online, target in ((self.backbone, self.momentum_backbone),
                                (self.projector, self.momentum_projector)):
             for po, pt in zip(online.parameters(), target.parameters()):
                 pt.mul_(m).add_(po.detach(), alpha=1 - m)
-        return {"momentum": m}

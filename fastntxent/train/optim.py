@@ -55,19 +55,19 @@ class LARS(torch.optim.Optimizer):
         return loss
 
 
-def param_groups(modules, weight_decay: float):
+def param_groups(model, weight_decay: float):
     """Two groups: weights (decayed, LARS-adapted) and biases / norm parameters (neither)."""
     decay, no_decay = [], []
-    for m in modules:
-        for p in m.parameters():
-            if p.requires_grad:
-                (no_decay if p.ndim <= 1 else decay).append(p)
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 else decay).append(p)
     return [dict(params=decay, weight_decay=weight_decay, lars_exclude=False),
             dict(params=no_decay, weight_decay=0.0, lars_exclude=True)]
 
 
-def build_optimizer(cfg, modules, lr: float) -> torch.optim.Optimizer:
-    groups = param_groups(modules, cfg.weight_decay)
+def build_optimizer(cfg, model, lr: float) -> torch.optim.Optimizer:
+    """LARS, SGD or AdamW (cfg.optimizer) over `model.parameters()` that require gradients."""
+    groups = param_groups(model, cfg.weight_decay)
     if cfg.optimizer == "lars":
         return LARS(groups, lr=lr, momentum=cfg.momentum, eta=cfg.lars_eta, clip_lr=cfg.lars_clip)
     for g in groups:

@@ -1,5 +1,10 @@
 """The training loop shared by SimCLR and MoCo: data, model, optimiser and schedule,
-checkpoint / resume, signals, DDP, progress bars, per-epoch kNN, final linear probes."""
+checkpoint / resume, signals, DDP, progress bars, per-epoch kNN, final linear probes.
+
+``run(cfg)`` = ``Trainer(cfg).run()``: construction sets everything up (and resumes from a
+checkpoint), ``run()`` trains epoch by epoch (train, evaluate, checkpoint) and finishes with
+the probes, the summary and the plot.
+"""
 from __future__ import annotations
 
 import contextlib
@@ -10,6 +15,7 @@ import signal
 import sys
 import threading
 import time
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -18,9 +24,11 @@ from torch import nn
 from . import checkpoint as C
 from . import distributed as D
 from . import runlog
+from ..distributed import is_initialized, rank, world_size
 from .config import TrainConfig
 from .data import PretrainLoader, build_data
 from .evaluate import evaluate_backbone
+from .method import PretrainMethod, Stats
 from .models import build_backbone
 from .optim import WarmupCosine, build_optimizer
 
@@ -66,7 +74,7 @@ def _seed_all(seed: int) -> None:
     random.seed(seed)
 
 
-def _build_method(cfg, in_channels):
+def _build_method(cfg: TrainConfig, in_channels: int) -> PretrainMethod:
     backbone = build_backbone(cfg, in_channels)
     if cfg.method == "simclr":
         from .simclr import SimCLR
@@ -77,192 +85,263 @@ def _build_method(cfg, in_channels):
     return MoCo(cfg, backbone)
 
 
-def _run_dir(cfg, resume_path) -> str:
+def _run_dir(cfg: TrainConfig, resume_path: Optional[str]) -> str:
+    """--run-dir, else the resumed checkpoint's directory, else a new timestamped one (rank 0's)."""
     if cfg.run_dir:
         d = cfg.run_dir
     elif resume_path:
         d = os.path.dirname(os.path.abspath(resume_path))
     else:
         d = os.path.join(cfg.out_dir, f"{cfg.method}-{cfg.dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
-    if D.is_dist():
+    if is_initialized():
         obj = [d]
         torch.distributed.broadcast_object_list(obj, src=0)
         d = obj[0]
     return d
 
 
-def _float_stats(stats: dict) -> dict:
-    return {k: float(v) for k, v in stats.items() if torch.is_tensor(v) and v.numel() == 1
-            or isinstance(v, (int, float))}
+def _new_accum() -> dict:
+    """The running sums of an epoch (checkpointed, so a mid-epoch resume continues them)."""
+    return {"loss": 0.0, "top1": 0.0, "n": 0, "seconds": 0.0}
+
+
+class Trainer:
+    """One run of ``cfg``. Its loop state (``start_epoch``, ``step_in_epoch``: the first step
+    of the next epoch to train, ``global_step``, ``history``: the log.csv rows, ``accum``) is
+    what a checkpoint saves besides the model, optimiser, scheduler and RNG states."""
+
+    method: PretrainMethod
+    model: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, Stats]]  # method or its DDP
+
+    def __init__(self, cfg: TrainConfig, log=print):
+        self.cfg = cfg.resolved()
+        self.t_start = time.time()
+        self.device = D.setup(self.cfg.device)
+        self.rank, self.world = rank(), world_size()
+        self.main = self.rank == 0
+        self.say = log if self.main else (lambda *a, **k: None)
+        self._setup()
+        state = self._resume() if self.cfg.resume else None
+        self._open_run_dir(state["path"] if state else None)
+        self.model = self._wrap_ddp()
+        if state is not None:  # last: everything before this point may have drawn random numbers
+            C.set_rng_state(state["rng"])
+
+    # -- setup ----------------------------------------------------------------------------
+    def _setup(self) -> None:
+        """Data, method, optimiser, schedule, autocast and a fresh loop state."""
+        cfg, device = self.cfg, self.device
+        _seed_all(cfg.seed)  # identical model initialisation on every rank
+        self.bundle = build_data(cfg)
+        method = _build_method(cfg, self.bundle.in_channels)
+        self.random_init = copy.deepcopy(method.backbone.state_dict())  # the baseline encoder
+        if self.world > 1 and cfg.sync_bn and device.type == "cuda":  # (SyncBatchNorm is CUDA-only)
+            method = nn.SyncBatchNorm.convert_sync_batchnorm(method)
+        method.to(device)
+        self.method = method
+        _seed_all(cfg.seed + 1 + self.rank)  # augmentation streams differ between ranks
+
+        self.global_batch = cfg.batch_size * self.world
+        self.lr = cfg.lr * self.global_batch / 256
+        self.optimizer = build_optimizer(cfg, method, self.lr)
+        self.loader = PretrainLoader(self.bundle, cfg, device, self.rank, self.world)
+        self.steps_per_epoch = spe = self.loader.steps_per_epoch
+        self.total_steps = spe * cfg.epochs
+        self.scheduler = WarmupCosine(self.optimizer, round(cfg.warmup_epochs * spe), self.total_steps,
+                                      cfg.min_lr)
+        self.stop_epoch = cfg.epochs if cfg.stop_after_epochs is None else min(cfg.epochs,
+                                                                               cfg.stop_after_epochs)
+        use_bf16 = device.type == "cuda" and cfg.precision in ("auto", "bf16")
+        self.autocast = ((lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16
+                         else contextlib.nullcontext)
+        self.start_epoch, self.step_in_epoch, self.global_step = 0, 0, 0
+        self.history, self.accum = [], _new_accum()
+
+    def _resume(self) -> dict:
+        """Load --resume into the method, optimiser, scheduler and loop state; returns the
+        checkpoint (its RNG state is restored last, in __init__)."""
+        cfg = self.cfg
+        state = C.load_checkpoint(cfg.resume, map_location=self.device)
+        C.check_compatible(state, cfg.structural())
+        if state["world_size"] != self.world:
+            raise C.CheckpointError(f"checkpoint was written by {state['world_size']} processes, "
+                                    f"this run has {self.world}: the data order would differ")
+        C.load_into("model", self.method, state["model"], state["path"])
+        C.load_into("optimizer", self.optimizer, state["optimizer"], state["path"])
+        C.load_into("scheduler", self.scheduler, state["scheduler"], state["path"])
+        self.start_epoch, self.step_in_epoch = state["epoch"], state["step_in_epoch"]
+        self.global_step, self.history = state["global_step"], list(state["history"])
+        self.accum = dict(state["accum"])
+        if self.scheduler.total_steps != self.total_steps:  # --epochs changed: stretch the cosine
+            self.scheduler.total_steps = self.total_steps
+        return state
+
+    def _open_run_dir(self, resume_path: Optional[str]) -> None:
+        """Choose the run directory; rank 0 creates it and writes config.json."""
+        cfg = self.cfg
+        self.run_dir = _run_dir(cfg, resume_path)
+        self.ckpt_path = os.path.join(self.run_dir, C.LAST)
+        if not self.main:
+            return
+        os.makedirs(self.run_dir, exist_ok=True)
+        for name in C.remove_stale_temporaries(self.run_dir):
+            self.say(f"removed {name}, left by an interrupted checkpoint write")
+        conf = dict(cfg.to_dict(), world_size=self.world, global_batch=self.global_batch,
+                    scaled_lr=self.lr, steps_per_epoch=self.steps_per_epoch, device=str(self.device),
+                    run_dir=self.run_dir,
+                    data=dict(self.bundle.info, num_classes=self.bundle.num_classes))
+        runlog.write_json(os.path.join(self.run_dir, "config.json"), conf)
+        self.say("config: " + " ".join(f"{k}={v}" for k, v in conf.items() if k != "extra"))
+        if resume_path:
+            self.say(f"resuming from {resume_path} at epoch {self.start_epoch + 1}, step {self.step_in_epoch}")
+
+    def _wrap_ddp(self):
+        if self.world == 1:
+            return self.method
+        return nn.parallel.DistributedDataParallel(
+            self.method, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+            broadcast_buffers=False)
+
+    # -- the loop -------------------------------------------------------------------------
+    def run(self) -> dict:
+        """Train from the current epoch to the stop epoch; returns the summary dict."""
+        with _StopOnSignal() as stop:
+            for epoch in range(self.start_epoch, self.stop_epoch):
+                self._train_epoch(epoch, stop)
+                self._evaluate_epoch(epoch)
+                self._checkpoint(epoch + 1, stop)
+        return self._finish()
+
+    def _train_epoch(self, epoch: int, stop: _StopOnSignal) -> None:
+        from tqdm.auto import tqdm
+
+        cfg = self.cfg
+        self.method.train()
+        step0 = self.step_in_epoch
+        if step0 == 0:
+            self.accum = _new_accum()
+        t0 = time.time()
+        with tqdm(self.loader.epoch(epoch, step0), total=self.steps_per_epoch - step0, leave=False,
+                  dynamic_ncols=True, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                  disable=not (self.main and cfg.progress)) as bar:
+            for i, (x1, x2) in enumerate(bar, start=step0):
+                loss, top1 = self._step(x1, x2)
+                if not np.isfinite(loss):
+                    raise FloatingPointError(f"loss became {loss} at epoch {epoch + 1}, step {i}; "
+                                             f"lower --lr or raise --temperature")
+                self.accum["loss"] += loss
+                self.accum["top1"] += top1
+                self.accum["n"] += 1
+                bar.set_postfix(loss=f"{loss:.3f}", lr=f"{self.optimizer.param_groups[0]['lr']:.3g}")
+                if D.any_flag(stop.signum is not None, self.device):
+                    self.accum["seconds"] += time.time() - t0
+                    self._interrupt(stop, epoch, i + 1)
+        self.accum["seconds"] += time.time() - t0
+        self.step_in_epoch = 0
+
+    def _step(self, x1: torch.Tensor, x2: torch.Tensor) -> tuple[float, float]:
+        """One optimiser step; returns the loss and the contrastive top-1 accuracy."""
+        with self.autocast():
+            loss, stats = self.model(x1, x2)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.scheduler.step()
+        self.method.after_step(self.global_step, self.total_steps)
+        self.global_step += 1
+        return float(loss.detach()), float(stats.get("top1_accuracy", float("nan")))
+
+    def _evaluate_epoch(self, epoch: int) -> None:
+        """The epoch's log.csv row (kNN on rank 0 when due), then fresh running sums."""
+        from tqdm.auto import tqdm
+
+        cfg, a = self.cfg, self.accum
+        row = {"epoch": epoch + 1, "step": self.global_step, "loss": a["loss"] / max(a["n"], 1),
+               "contrastive_top1": a["top1"] / max(a["n"], 1),
+               "lr": self.optimizer.param_groups[0]["lr"], "knn_accuracy": None,
+               "epoch_seconds": round(a["seconds"], 3)}
+        last = epoch + 1 == cfg.epochs
+        if self.main and (last or (cfg.knn_every > 0 and (epoch + 1) % cfg.knn_every == 0)):
+            row["knn_accuracy"] = evaluate_backbone(self.method.backbone, self.bundle, self.device, cfg,
+                                                    probe=False, autocast=self.autocast)["knn_accuracy"]
+        self.history.append(row)
+        if self.main:
+            knn = f" knn {row['knn_accuracy']:.4f}" if row["knn_accuracy"] is not None else ""
+            msg = (f"epoch {epoch + 1}/{cfg.epochs} loss {row['loss']:.4f} "
+                   f"top1 {row['contrastive_top1']:.3f}{knn} lr {row['lr']:.4g} "
+                   f"({row['epoch_seconds']:.1f}s)")
+            tqdm.write(msg) if cfg.progress else self.say(msg)
+            runlog.write_csv(os.path.join(self.run_dir, "log.csv"), self.history)
+        self.accum = _new_accum()
+
+    def _checkpoint(self, epochs_done: int, stop: _StopOnSignal) -> None:
+        """After an epoch: save when due (every --ckpt-every epochs and at the stop epoch);
+        on a signal save and raise TrainingInterrupted."""
+        every = self.cfg.ckpt_every
+        if epochs_done == self.stop_epoch or (every > 0 and epochs_done % every == 0):
+            self._save(epochs_done, 0)
+        if D.any_flag(stop.signum is not None, self.device):
+            self._interrupt(stop, epochs_done, 0)
+
+    def _interrupt(self, stop: _StopOnSignal, epoch: int, step_in_epoch: int) -> None:
+        self._save(epoch, step_in_epoch)
+        raise TrainingInterrupted(stop.signum or signal.SIGTERM, self.ckpt_path)  # (or: another rank's)
+
+    def _save(self, epoch: int, step_in_epoch: int) -> None:
+        """Rank 0 writes last.pt (resuming at `epoch`, `step_in_epoch`); every rank waits."""
+        if self.main:
+            C.save_checkpoint(self.ckpt_path, {
+                "structural": self.cfg.structural(), "config": self.cfg.to_dict(),
+                "world_size": self.world, "epoch": epoch, "step_in_epoch": step_in_epoch,
+                "global_step": self.global_step, "model": self.method.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "rng": C.rng_state(), "history": self.history, "accum": self.accum})
+        D.barrier()
+
+    # -- the end --------------------------------------------------------------------------
+    def _finish(self) -> dict:
+        """Summary; on rank 0 of a finished run backbone.pt and the linear probes (pretrained
+        and random-init encoder); summary.json and curves.png."""
+        cfg, history = self.cfg, self.history
+        finished = self.stop_epoch == cfg.epochs
+        summary = {"run_dir": self.run_dir, "method": cfg.method, "dataset": cfg.dataset,
+                   "arch": cfg.arch, "epochs": cfg.epochs, "epochs_done": self.stop_epoch,
+                   "finished": finished, "final_loss": history[-1]["loss"] if history else None,
+                   "knn_accuracy": history[-1]["knn_accuracy"] if history else None,
+                   "checkpoint": self.ckpt_path, "rank": self.rank, "world_size": self.world}
+        if self.main and finished:
+            torch.save(self.method.backbone.state_dict(), os.path.join(self.run_dir, "backbone.pt"))
+            if cfg.probe:
+                summary.update(self._probes())
+        summary["wall_seconds"] = round(time.time() - self.t_start, 2)
+        if self.main:
+            runlog.write_json(os.path.join(self.run_dir, "summary.json"), summary)
+            if cfg.plot and history:
+                try:
+                    runlog.plot(os.path.join(self.run_dir, "curves.png"), history,
+                                f"{cfg.method} / {cfg.dataset} / {cfg.arch}")
+                except Exception as e:  # a plot must never lose a finished run
+                    self.say(f"warning: could not write the plot: {e}")
+        D.barrier()
+        return summary
+
+    def _probes(self) -> dict:
+        cfg, bundle, device = self.cfg, self.bundle, self.device
+        self.say("linear probe on frozen features (pretrained encoder)...")
+        ev = evaluate_backbone(self.method.backbone, bundle, device, cfg, probe=True,
+                               autocast=self.autocast)
+        out = {"probe_accuracy": ev["probe_accuracy"], "probe_train_accuracy": ev["probe_train_accuracy"]}
+        if cfg.baseline:
+            self.say("linear probe on frozen features (random-init encoder, the baseline)...")
+            base = build_backbone(cfg, bundle.in_channels)
+            base.load_state_dict(self.random_init)
+            base.to(device)
+            eb = evaluate_backbone(base, bundle, device, cfg, probe=True, autocast=self.autocast)
+            out.update(baseline_probe_accuracy=eb["probe_accuracy"],
+                       baseline_knn_accuracy=eb["knn_accuracy"])
+        return out
 
 
 def run(cfg: TrainConfig, log=print) -> dict:
     """Pretrain, evaluate, write the run directory; returns the summary dict."""
-    cfg = cfg.resolved()
-    t_start = time.time()
-    device = D.setup(cfg.device)
-    rank, world = D.rank(), D.world_size()
-    main = rank == 0
-    say = log if main else (lambda *a, **k: None)
-
-    _seed_all(cfg.seed)  # identical model initialisation on every rank
-    bundle = build_data(cfg)
-    method = _build_method(cfg, bundle.in_channels)
-    random_init = copy.deepcopy(method.backbone.state_dict())  # the baseline encoder
-    if world > 1 and cfg.sync_bn and device.type == "cuda":  # (SyncBatchNorm is CUDA-only)
-        method = nn.SyncBatchNorm.convert_sync_batchnorm(method)
-    method.to(device)
-    _seed_all(cfg.seed + 1 + rank)  # augmentation streams differ between ranks
-
-    global_batch = cfg.batch_size * world
-    lr = cfg.lr * global_batch / 256
-    optimizer = build_optimizer(cfg, [method], lr)
-    loader = PretrainLoader(bundle, cfg, device, rank, world)
-    spe = loader.steps_per_epoch
-    total_steps = spe * cfg.epochs
-    scheduler = WarmupCosine(optimizer, round(cfg.warmup_epochs * spe), total_steps, cfg.min_lr)
-
-    start_epoch, start_step, global_step, history = 0, 0, 0, []
-    accum = {"loss": 0.0, "top1": 0.0, "n": 0, "seconds": 0.0}
-    state = None
-    if cfg.resume:
-        state = C.load_checkpoint(cfg.resume, map_location=device)
-        C.check_compatible(state, cfg.structural())
-        if state.get("world_size", 1) != world:
-            raise C.CheckpointError(f"checkpoint was written by {state.get('world_size')} processes, "
-                                    f"this run has {world}: the data order would differ")
-        C.load_into("model", method, state["model"], state["path"])
-        C.load_into("optimizer", optimizer, state["optimizer"], state["path"])
-        C.load_into("scheduler", scheduler, state["scheduler"], state["path"])
-        start_epoch, start_step = state["epoch"], state["step_in_epoch"]
-        global_step, history, accum = state["global_step"], list(state["history"]), dict(state["accum"])
-        if scheduler.total_steps != total_steps:  # --epochs changed: stretch the cosine
-            scheduler.total_steps = total_steps
-    run_dir = _run_dir(cfg, state["path"] if state else None)
-    ckpt_path = os.path.join(run_dir, C.LAST)
-    if main:
-        os.makedirs(run_dir, exist_ok=True)
-        for name in C.remove_stale_temporaries(run_dir):
-            say(f"removed {name}, left by an interrupted checkpoint write")
-        conf = dict(cfg.to_dict(), world_size=world, global_batch=global_batch, scaled_lr=lr,
-                    steps_per_epoch=spe, device=str(device), run_dir=run_dir,
-                    data=dict(bundle.info, num_classes=bundle.num_classes))
-        runlog.write_json(os.path.join(run_dir, "config.json"), conf)
-        say("config: " + " ".join(f"{k}={v}" for k, v in conf.items() if k != "extra"))
-        if state:
-            say(f"resuming from {state['path']} at epoch {start_epoch + 1}, step {start_step}")
-
-    model = method
-    if world > 1:
-        model = nn.parallel.DistributedDataParallel(
-            method, device_ids=[device.index] if device.type == "cuda" else None,
-            broadcast_buffers=False)
-    use_bf16 = device.type == "cuda" and cfg.precision in ("auto", "bf16")
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16 else None
-    amp = autocast or contextlib.nullcontext
-
-    def save(epoch, step_in_epoch):
-        if main:
-            C.save_checkpoint(ckpt_path, {
-                "structural": cfg.structural(), "config": cfg.to_dict(), "world_size": world,
-                "epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step,
-                "model": method.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "rng": C.rng_state(), "history": history,
-                "accum": accum})
-        D.barrier()
-
-    if state is not None:  # last: everything before this point may have drawn random numbers
-        C.set_rng_state(state["rng"])
-
-    from tqdm.auto import tqdm
-
-    stop_epoch = cfg.epochs if cfg.stop_after_epochs is None else min(cfg.epochs, cfg.stop_after_epochs)
-    with _StopOnSignal() as stop:
-        for epoch in range(start_epoch, stop_epoch):
-            method.train()
-            step0 = start_step if epoch == start_epoch else 0
-            if step0 == 0:
-                accum = {"loss": 0.0, "top1": 0.0, "n": 0, "seconds": 0.0}
-            t_epoch = time.time()
-            bar = tqdm(loader.epoch(epoch, step0), total=spe - step0, leave=False, dynamic_ncols=True,
-                       desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not (main and cfg.progress))
-            for i, (x1, x2) in enumerate(bar, start=step0):
-                with amp():
-                    loss, stats = model(x1, x2)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                scheduler.step()
-                method.after_step(global_step, total_steps)
-                global_step += 1
-                lv = float(loss.detach())
-                if not np.isfinite(lv):
-                    raise FloatingPointError(f"loss became {lv} at epoch {epoch + 1}, step {i}; "
-                                             f"lower --lr or raise --temperature")
-                st = _float_stats(stats)
-                accum["loss"] += lv
-                accum["top1"] += st.get("top1_accuracy", float("nan"))
-                accum["n"] += 1
-                bar.set_postfix(loss=f"{lv:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.3g}")
-                if D.any_flag(stop.signum is not None, device):
-                    accum["seconds"] += time.time() - t_epoch
-                    save(epoch, i + 1)
-                    bar.close()
-                    raise TrainingInterrupted(stop.signum or signal.SIGTERM, ckpt_path)
-            bar.close()
-            accum["seconds"] += time.time() - t_epoch
-            row = {"epoch": epoch + 1, "step": global_step, "loss": accum["loss"] / max(accum["n"], 1),
-                   "contrastive_top1": accum["top1"] / max(accum["n"], 1),
-                   "lr": optimizer.param_groups[0]["lr"], "knn_accuracy": None,
-                   "epoch_seconds": round(accum["seconds"], 3)}
-            last = epoch + 1 == cfg.epochs
-            if main and (last or (cfg.knn_every > 0 and (epoch + 1) % cfg.knn_every == 0)):
-                row["knn_accuracy"] = evaluate_backbone(method.backbone, bundle, device, cfg,
-                                                        probe=False, autocast=autocast)["knn_accuracy"]
-            history.append(row)
-            if main:
-                knn = f" knn {row['knn_accuracy']:.4f}" if row["knn_accuracy"] is not None else ""
-                msg = (f"epoch {epoch + 1}/{cfg.epochs} loss {row['loss']:.4f} "
-                       f"top1 {row['contrastive_top1']:.3f}{knn} lr {row['lr']:.4g} "
-                       f"({row['epoch_seconds']:.1f}s)")
-                tqdm.write(msg) if cfg.progress else say(msg)
-                runlog.write_csv(os.path.join(run_dir, "log.csv"), history)
-            accum = {"loss": 0.0, "top1": 0.0, "n": 0, "seconds": 0.0}
-            if last or (epoch + 1) == stop_epoch or (cfg.ckpt_every > 0 and (epoch + 1) % cfg.ckpt_every == 0):
-                save(epoch + 1, 0)
-            if D.any_flag(stop.signum is not None, device):
-                save(epoch + 1, 0)
-                raise TrainingInterrupted(stop.signum or signal.SIGTERM, ckpt_path)
-
-    finished = stop_epoch == cfg.epochs
-    summary = {"run_dir": run_dir, "method": cfg.method, "dataset": cfg.dataset, "arch": cfg.arch,
-               "epochs": cfg.epochs, "epochs_done": stop_epoch, "finished": finished,
-               "final_loss": history[-1]["loss"] if history else None,
-               "knn_accuracy": history[-1]["knn_accuracy"] if history else None,
-               "checkpoint": ckpt_path, "rank": rank, "world_size": world}
-    if main and finished:
-        torch.save(method.backbone.state_dict(), os.path.join(run_dir, "backbone.pt"))
-        if cfg.probe:
-            say("linear probe on frozen features (pretrained encoder)...")
-            ev = evaluate_backbone(method.backbone, bundle, device, cfg, probe=True, autocast=autocast)
-            summary.update(probe_accuracy=ev["probe_accuracy"],
-                           probe_train_accuracy=ev["probe_train_accuracy"])
-            if cfg.baseline:
-                say("linear probe on frozen features (random-init encoder, the baseline)...")
-                base = build_backbone(cfg, bundle.in_channels)
-                base.load_state_dict(random_init)
-                base.to(device)
-                eb = evaluate_backbone(base, bundle, device, cfg, probe=True, autocast=autocast)
-                summary.update(baseline_probe_accuracy=eb["probe_accuracy"],
-                               baseline_knn_accuracy=eb["knn_accuracy"])
-    summary["wall_seconds"] = round(time.time() - t_start, 2)
-    if main:
-        runlog.write_json(os.path.join(run_dir, "summary.json"), summary)
-        if cfg.plot and history:
-            try:
-                runlog.plot(os.path.join(run_dir, "curves.png"), history,
-                            f"{cfg.method} / {cfg.dataset} / {cfg.arch}")
-            except Exception as e:  # a plot must never lose a finished run
-                say(f"warning: could not write the plot: {e}")
-    D.barrier()
-    return summary
+    return Trainer(cfg, log).run()

@@ -1,0 +1,57 @@
+"""The contract between the trainer and a pretraining method (SimCLR, MoCo).
+
+A method is an ``nn.Module`` (the trainer moves it, converts its BatchNorms to SyncBatchNorm,
+wraps it in DistributedDataParallel and checkpoints its ``state_dict``) that owns everything
+trained or updated: the encoder, the heads, the loss module (a learnable temperature is a
+parameter) and any state such as MoCo's key encoder and queue (buffers, so checkpoints keep
+them). The trainer owns the data, the optimiser over ``parameters()``, the schedule,
+autocast, checkpoints and evaluation of ``backbone``.
+"""
+from __future__ import annotations
+
+from typing import Any, Iterator, Mapping, Protocol
+
+import torch
+from torch import nn
+
+Stats = dict[str, torch.Tensor]
+
+
+class PretrainMethod(Protocol):
+    backbone: nn.Module
+    """The encoder being pretrained: (B, C, H, W) images -> (B, backbone.out_dim) features.
+    Evaluated (kNN, linear probe) and saved as backbone.pt by the trainer."""
+
+    def forward(self, x1: torch.Tensor, x2: torch.Tensor) -> tuple[torch.Tensor, Stats]:
+        """One training step's loss on two views of the same B images.
+
+        x1, x2: (B, C, H, W) float32 normalised images on the method's device, row i of each
+        from the same image; B is the per-process batch. Returns ``(loss, stats)``: loss a
+        0-dim float32 tensor with gradient (under torchrun the loss of the global batch, see
+        fastntxent.distributed); stats 0-dim tensors without gradient, at least
+        ``"top1_accuracy"`` (fraction of anchors whose positive has the largest logit).
+        Called once per step inside the trainer's autocast; may update non-parameter state
+        (MoCo enqueues its keys).
+        """
+        ...
+
+    def __call__(self, x1: torch.Tensor, x2: torch.Tensor) -> tuple[torch.Tensor, Stats]:
+        """``nn.Module.__call__``: runs ``forward``."""
+        ...
+
+    def after_step(self, step: int, total_steps: int) -> None:
+        """Called after every optimiser step, with the 0-based global step just taken and the
+        run's total; e.g. MoCo's momentum update of the key encoder. No gradient."""
+        ...
+
+    # nn.Module methods the trainer uses
+    def parameters(self, recurse: bool = True) -> Iterator[nn.Parameter]: ...
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True,
+                        assign: bool = False) -> Any: ...
+
+    def train(self, mode: bool = True) -> Any: ...
+
+    def to(self, *args: Any, **kwargs: Any) -> Any: ...
