@@ -21,7 +21,8 @@ Every output element is written by one program: no atomics, deterministic.
 import triton
 import triton.language as tl
 
-from .tiles import BWD_CONFIGS, FWD_CONFIGS, dot_tile, load_rows, online_update, row_dot, split_range
+from .tiles import (BWD_CONFIGS, FWD_CONFIGS, accumulate_hb, cross_tile_counts, dot_tile, load_out_tile, load_rows,
+                    online_update, out_columns, row_block, row_dot, row_weights, softmax_weight, split_range, store_grad)
 
 
 @triton.autotune(configs=FWD_CONFIGS, key=["M_KEY", "C_KEY", "D", "PREC", "IN_BATCH", "HAS_QUEUE", "SPLIT"])
@@ -35,24 +36,14 @@ def cross_fwd_kernel(
     D_CHUNKS: tl.constexpr, IN_BATCH: tl.constexpr, HAS_QUEUE: tl.constexpr, SPLIT: tl.constexpr,
     CAST_F32: tl.constexpr, PREC: tl.constexpr,
 ):
-    pid_m = tl.program_id(0).to(tl.int64)
     pid_s = tl.program_id(1)
     n_split = tl.num_programs(1)
 
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
-    row_ok = rows < M
+    rows, row_ok = row_block(tl.program_id(0), M, BLOCK_M)
     prow = rows + OFF  # the positive key of each row
     scale = tl.load(SCALE).to(tl.float32)
     q = load_rows(Q, stride_qm, stride_qd, rows, row_ok, D, BLOCK_M, BLOCK_D, D_CHUNKS, CAST_F32)
-
-    if IN_BATCH:
-        n_kt = tl.cdiv(N, BLOCK_N)
-    else:
-        n_kt = 0
-    if HAS_QUEUE:
-        n_qt = tl.cdiv(NQ, BLOCK_N)
-    else:
-        n_qt = 0
+    n_kt, n_qt = cross_tile_counts(N, NQ, BLOCK_N, IN_BATCH, HAS_QUEUE)
     t_start, t_stop = split_range(n_kt + n_qt, pid_s, n_split)
 
     # The positive logit: with in-batch keys taken from the tile that holds it (the same
@@ -122,15 +113,8 @@ def cross_fwd_kernel(
 def grad_acc(acc, dots, scale, lse_r, a_r, use_r, col_ok, extra, b, H_BF16: tl.constexpr, PREC: tl.constexpr):
     """acc += (a_r·exp(s − lse_r) + extra) · b for one tile; rows with a = 0 add no exp term.
     s ≤ lse for every real entry; the clamp only keeps rounding from overflowing exp2."""
-    s = dots * scale
-    h = tl.where(col_ok[None, :] & use_r[:, None],
-                 a_r[:, None] * tl.exp2(tl.minimum(s - lse_r[:, None], 0.0) * 1.4426950408889634), 0.0)
-    h += extra
-    if H_BF16:
-        acc = tl.dot(h.to(tl.bfloat16), b.to(tl.bfloat16), acc)
-    else:
-        acc = tl.dot(h.to(b.dtype), b, acc, input_precision=PREC)
-    return acc
+    h = tl.where(col_ok[None, :] & use_r[:, None], softmax_weight(a_r[:, None], dots * scale, lse_r[:, None]), 0.0)
+    return accumulate_hb(acc, h + extra, b, H_BF16, PREC)
 
 
 @triton.autotune(configs=BWD_CONFIGS, key=["M_KEY", "C_KEY", "D", "PREC", "IN_BATCH", "HAS_QUEUE"])
@@ -144,34 +128,16 @@ def cross_bwd_q_kernel(
     D_CHUNKS: tl.constexpr, IN_BATCH: tl.constexpr, HAS_QUEUE: tl.constexpr, WRITE_GK: tl.constexpr,
     CAST_F32: tl.constexpr, PREC: tl.constexpr, H_BF16: tl.constexpr,
 ):
-    pid_m = tl.program_id(0).to(tl.int64)
     pid_s = tl.program_id(1)
-    pid_d = tl.program_id(2)
     n_split = tl.num_programs(1)
 
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
-    row_ok = rows < M
+    rows, row_ok = row_block(tl.program_id(0), M, BLOCK_M)
     prow = rows + OFF
     scale = tl.load(SCALE).to(tl.float32)
-    a_r = tl.load(GA + rows, mask=row_ok, other=0.0)
-    b_r = tl.load(GB + rows, mask=row_ok, other=0.0)
-    lse_r = tl.load(LSE + rows, mask=row_ok, other=0.0)
-    use_r = a_r != 0.0
-    # A row whose weight is 0 contributes no exp term: +inf makes its exp2 exactly 0.
-    lse_r = tl.where(use_r, lse_r, float("inf"))
-
-    d_out = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
-    dout_ok = d_out < D
+    a_r, b_r, lse_r, use_r = row_weights(GA, GB, LSE, rows, row_ok)
+    d_out, dout_ok = out_columns(tl.program_id(2), D, BLOCK_DO)
     q = load_rows(Q, stride_qm, stride_qd, rows, row_ok, D, BLOCK_M, BLOCK_D, D_CHUNKS, CAST_F32)
-
-    if IN_BATCH:
-        n_kt = tl.cdiv(N, BLOCK_N)
-    else:
-        n_kt = 0
-    if HAS_QUEUE:
-        n_qt = tl.cdiv(NQ, BLOCK_N)
-    else:
-        n_qt = 0
+    n_kt, n_qt = cross_tile_counts(N, NQ, BLOCK_N, IN_BATCH, HAS_QUEUE)
     t_start, t_stop = split_range(n_kt + n_qt, pid_s, n_split)
 
     acc = tl.zeros((BLOCK_M, BLOCK_DO), dtype=tl.float32)
@@ -182,11 +148,7 @@ def cross_bwd_q_kernel(
             col_ok = cols < N
             dots, b = dot_tile(Q, stride_qm, stride_qd, rows, row_ok, K, stride_km, stride_kd, cols, col_ok,
                                 q, D, BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS, CAST_F32, PREC)
-            if D_CHUNKS != 1:
-                b = tl.load(K + cols[:, None] * stride_km + d_out[None, :] * stride_kd,
-                            mask=col_ok[:, None] & dout_ok[None, :], other=0.0)
-                if CAST_F32:
-                    b = b.to(tl.float32)
+            b = load_out_tile(K, stride_km, stride_kd, cols, col_ok, d_out, dout_ok, b, D_CHUNKS, CAST_F32)
             extra = tl.where(prow[:, None] == cols[None, :], b_r[:, None], 0.0)
             acc = grad_acc(acc, dots, scale, lse_r, a_r, use_r, col_ok, extra, b, H_BF16, PREC)
     if HAS_QUEUE:
@@ -195,11 +157,7 @@ def cross_bwd_q_kernel(
             col_ok = cols < NQ
             dots, b = dot_tile(Q, stride_qm, stride_qd, rows, row_ok, QU, stride_um, stride_ud, cols, col_ok,
                                 q, D, BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS, CAST_F32, PREC)
-            if D_CHUNKS != 1:
-                b = tl.load(QU + cols[:, None] * stride_um + d_out[None, :] * stride_ud,
-                            mask=col_ok[:, None] & dout_ok[None, :], other=0.0)
-                if CAST_F32:
-                    b = b.to(tl.float32)
+            b = load_out_tile(QU, stride_um, stride_ud, cols, col_ok, d_out, dout_ok, b, D_CHUNKS, CAST_F32)
             acc = grad_acc(acc, dots, scale, lse_r, a_r, use_r, col_ok, 0.0, b, H_BF16, PREC)
 
     if not IN_BATCH:
@@ -208,7 +166,7 @@ def cross_bwd_q_kernel(
         first_split = pid_s == 0
         s_pos = scale * row_dot(Q, stride_qm, stride_qd, rows, K, stride_km, stride_kd, prow, row_ok, D,
                                  BLOCK_M, BLOCK_D, D_CHUNKS)
-        coef = tl.where(use_r, a_r * tl.exp2(tl.minimum(s_pos - lse_r, 0.0) * 1.4426950408889634), 0.0) + b_r
+        coef = tl.where(use_r, softmax_weight(a_r, s_pos, lse_r), 0.0) + b_r
         coef = tl.where(first_split & row_ok, coef, 0.0)
         out_ok = row_ok[:, None] & dout_ok[None, :]
         kp = tl.load(K + prow[:, None] * stride_km + d_out[None, :] * stride_kd, mask=out_ok, other=0.0)
@@ -219,9 +177,7 @@ def cross_bwd_q_kernel(
             tl.store(GK + prow[:, None] * stride_gkm + d_out[None, :], gk.to(GK.dtype.element_ty),
                      mask=out_ok & first_split)
 
-    acc = acc * scale
-    out = G + pid_s.to(tl.int64) * stride_gs + rows[:, None] * stride_gm + d_out[None, :]
-    tl.store(out, acc.to(G.dtype.element_ty), mask=row_ok[:, None] & dout_ok[None, :])
+    store_grad(G, pid_s, stride_gs, rows, stride_gm, d_out, row_ok, dout_ok, acc * scale)
 
 
 @triton.autotune(configs=BWD_CONFIGS, key=["M_KEY", "C_KEY", "D", "PREC"])
@@ -234,16 +190,12 @@ def cross_bwd_k_kernel(
     D_CHUNKS: tl.constexpr, CAST_F32: tl.constexpr, PREC: tl.constexpr, H_BF16: tl.constexpr,
 ):
     """In-batch keys: rows are keys j, columns the queries i (the transposed tiles)."""
-    pid_m = tl.program_id(0).to(tl.int64)
     pid_s = tl.program_id(1)
-    pid_d = tl.program_id(2)
     n_split = tl.num_programs(1)
 
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
-    row_ok = rows < N
+    rows, row_ok = row_block(tl.program_id(0), N, BLOCK_M)
     scale = tl.load(SCALE).to(tl.float32)
-    d_out = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
-    dout_ok = d_out < D
+    d_out, dout_ok = out_columns(tl.program_id(2), D, BLOCK_DO)
     kr = load_rows(K, stride_km, stride_kd, rows, row_ok, D, BLOCK_M, BLOCK_D, D_CHUNKS, CAST_F32)
 
     t_start, t_stop = split_range(tl.cdiv(M, BLOCK_N), pid_s, n_split)
@@ -255,25 +207,10 @@ def cross_bwd_k_kernel(
         col_ok = cols < M
         dots, b = dot_tile(K, stride_km, stride_kd, rows, row_ok, Q, stride_qm, stride_qd, cols, col_ok,
                             kr, D, BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS, CAST_F32, PREC)
-        if D_CHUNKS != 1:
-            b = tl.load(Q + cols[:, None] * stride_qm + d_out[None, :] * stride_qd,
-                        mask=col_ok[:, None] & dout_ok[None, :], other=0.0)
-            if CAST_F32:
-                b = b.to(tl.float32)
-        a_c = tl.load(GA + cols, mask=col_ok, other=0.0)
-        b_c = tl.load(GB + cols, mask=col_ok, other=0.0)
-        lse_c = tl.load(LSE + cols, mask=col_ok, other=0.0)
-        use_c = a_c != 0.0
-        lse_c = tl.where(use_c, lse_c, float("inf"))
-        s = dots * scale
-        h = tl.where(col_ok[None, :] & use_c[None, :],
-                     a_c[None, :] * tl.exp2(tl.minimum(s - lse_c[None, :], 0.0) * 1.4426950408889634), 0.0)
+        b = load_out_tile(Q, stride_qm, stride_qd, cols, col_ok, d_out, dout_ok, b, D_CHUNKS, CAST_F32)
+        a_c, b_c, lse_c, use_c = row_weights(GA, GB, LSE, cols, col_ok)
+        h = tl.where(col_ok[None, :] & use_c[None, :], softmax_weight(a_c[None, :], dots * scale, lse_c[None, :]), 0.0)
         h += tl.where(col_ok[None, :] & (cols[None, :] + OFF == rows[:, None]), b_c[None, :], 0.0)
-        if H_BF16:
-            acc = tl.dot(h.to(tl.bfloat16), b.to(tl.bfloat16), acc)
-        else:
-            acc = tl.dot(h.to(b.dtype), b, acc, input_precision=PREC)
+        acc = accumulate_hb(acc, h, b, H_BF16, PREC)
 
-    acc = acc * scale
-    out = G + pid_s.to(tl.int64) * stride_gs + rows[:, None] * stride_gm + d_out[None, :]
-    tl.store(out, acc.to(G.dtype.element_ty), mask=row_ok[:, None] & dout_ok[None, :])
+    store_grad(G, pid_s, stride_gs, rows, stride_gm, d_out, row_ok, dout_ok, acc * scale)

@@ -18,7 +18,8 @@ element is written by exactly one program (no atomics, deterministic).
 import triton
 import triton.language as tl
 
-from .tiles import BWD_CONFIGS, FWD_CONFIGS, dot_tile, load_rows, online_update, split_range
+from .tiles import (BWD_CONFIGS, FWD_CONFIGS, accumulate_hb, dot_tile, labels_of, load_out_tile, load_rows, online_update,
+                    out_columns, row_block, row_weights, softmax_weight, split_range, store_grad)
 
 
 @triton.jit
@@ -40,17 +41,12 @@ def self_fwd_kernel(
     D_CHUNKS: tl.constexpr, HAS_LABELS: tl.constexpr, SPLIT: tl.constexpr,
     CAST_F32: tl.constexpr, PREC: tl.constexpr,
 ):
-    pid_m = tl.program_id(0).to(tl.int64)
     pid_s = tl.program_id(1)
     n_split = tl.num_programs(1)
 
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
-    row_ok = rows < M
+    rows, row_ok = row_block(tl.program_id(0), M, BLOCK_M)
     inv_tau = 1.0 / tl.load(TAU).to(tl.float32)
-    if HAS_LABELS:
-        lab_r = tl.load(LAB + rows, mask=row_ok, other=-1)
-    else:
-        lab_r = rows % period
+    lab_r = labels_of(LAB, rows, row_ok, period, -1, HAS_LABELS)
 
     q = load_rows(U, stride_um, stride_ud, rows, row_ok, D, BLOCK_M, BLOCK_D, D_CHUNKS, CAST_F32)
 
@@ -74,10 +70,7 @@ def self_fwd_kernel(
                              BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS, CAST_F32, PREC)
         s = dots * inv_tau
         valid = col_ok[None, :] & (rows[:, None] != cols[None, :])
-        if HAS_LABELS:
-            lab_c = tl.load(LAB + cols, mask=col_ok, other=-2)
-        else:
-            lab_c = cols % period
+        lab_c = labels_of(LAB, cols, col_ok, period, -2, HAS_LABELS)
         pos = valid & (lab_r[:, None] == lab_c[None, :])
 
         m_i, l_i, ps_i, best, best_pos = online_update(m_i, l_i, ps_i, best, best_pos, s, valid, pos,
@@ -115,27 +108,14 @@ def self_bwd_kernel(
     BLOCK_DO: tl.constexpr, D_CHUNKS: tl.constexpr, HAS_LABELS: tl.constexpr,
     CAST_F32: tl.constexpr, PREC: tl.constexpr, H_BF16: tl.constexpr,
 ):
-    pid_m = tl.program_id(0).to(tl.int64)
     pid_s = tl.program_id(1)
-    pid_d = tl.program_id(2)
     n_split = tl.num_programs(1)
 
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
-    row_ok = rows < M
+    rows, row_ok = row_block(tl.program_id(0), M, BLOCK_M)
     inv_tau = 1.0 / tl.load(TAU).to(tl.float32)
-    if HAS_LABELS:
-        lab_r = tl.load(LAB + rows, mask=row_ok, other=-1)
-    else:
-        lab_r = rows % period
-    a_r = tl.load(GA + rows, mask=row_ok, other=0.0)
-    b_r = tl.load(GB + rows, mask=row_ok, other=0.0)
-    lse_r = tl.load(LSE + rows, mask=row_ok, other=0.0)
-    use_r = a_r != 0.0
-    # A row whose weight is 0 contributes no term: +inf makes its exp2 exactly 0 (no 0·inf).
-    lse_r = tl.where(use_r, lse_r, float("inf"))
-
-    d_out = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
-    dout_ok = d_out < D
+    lab_r = labels_of(LAB, rows, row_ok, period, -1, HAS_LABELS)
+    a_r, b_r, lse_r, use_r = row_weights(GA, GB, LSE, rows, row_ok)
+    d_out, dout_ok = out_columns(tl.program_id(2), D, BLOCK_DO)
     q = load_rows(U, stride_um, stride_ud, rows, row_ok, D, BLOCK_M, BLOCK_D, D_CHUNKS, CAST_F32)
 
     t_start, t_stop = split_range(tl.cdiv(M, BLOCK_N), pid_s, n_split)
@@ -147,35 +127,16 @@ def self_bwd_kernel(
         col_ok = cols < M
         dots, k = sim_tile(U, stride_um, stride_ud, rows, row_ok, cols, col_ok, q, D,
                             BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS, CAST_F32, PREC)
-        if D_CHUNKS != 1:
-            k = tl.load(U + cols[:, None] * stride_um + d_out[None, :] * stride_ud,
-                        mask=col_ok[:, None] & dout_ok[None, :], other=0.0)
-            if CAST_F32:
-                k = k.to(tl.float32)
+        k = load_out_tile(U, stride_um, stride_ud, cols, col_ok, d_out, dout_ok, k, D_CHUNKS, CAST_F32)
         s = dots * inv_tau
-        if HAS_LABELS:
-            lab_c = tl.load(LAB + cols, mask=col_ok, other=-2)
-        else:
-            lab_c = cols % period
-        a_c = tl.load(GA + cols, mask=col_ok, other=0.0)
-        b_c = tl.load(GB + cols, mask=col_ok, other=0.0)
-        lse_c = tl.load(LSE + cols, mask=col_ok, other=0.0)
-        use_c = a_c != 0.0
-        lse_c = tl.where(use_c, lse_c, float("inf"))
+        lab_c = labels_of(LAB, cols, col_ok, period, -2, HAS_LABELS)
+        a_c, b_c, lse_c, use_c = row_weights(GA, GB, LSE, cols, col_ok)
         valid = col_ok[None, :] & (rows[:, None] != cols[None, :])
 
-        # H_kj = a_k P_kj + a_j P_jk + (b_k + b_j)[same label], j ≠ k. s ≤ lse for every
-        # valid entry; the clamp only keeps the masked diagonal from overflowing exp2.
-        h = tl.where(valid & use_r[:, None],
-                     a_r[:, None] * tl.exp2(tl.minimum(s - lse_r[:, None], 0.0) * 1.4426950408889634), 0.0)
-        h += tl.where(valid & use_c[None, :],
-                      a_c[None, :] * tl.exp2(tl.minimum(s - lse_c[None, :], 0.0) * 1.4426950408889634), 0.0)
+        # H_kj = a_k P_kj + a_j P_jk + (b_k + b_j)[same label], j ≠ k.
+        h = tl.where(valid & use_r[:, None], softmax_weight(a_r[:, None], s, lse_r[:, None]), 0.0)
+        h += tl.where(valid & use_c[None, :], softmax_weight(a_c[None, :], s, lse_c[None, :]), 0.0)
         h += tl.where(valid & (lab_r[:, None] == lab_c[None, :]), b_r[:, None] + b_c[None, :], 0.0)
-        if H_BF16:
-            acc = tl.dot(h.to(tl.bfloat16), k.to(tl.bfloat16), acc)
-        else:
-            acc = tl.dot(h.to(k.dtype), k, acc, input_precision=PREC)
+        acc = accumulate_hb(acc, h, k, H_BF16, PREC)
 
-    acc = acc * inv_tau
-    out = G + pid_s.to(tl.int64) * stride_gs + rows[:, None] * stride_gm + d_out[None, :]
-    tl.store(out, acc.to(G.dtype.element_ty), mask=row_ok[:, None] & dout_ok[None, :])
+    store_grad(G, pid_s, stride_gs, rows, stride_gm, d_out, row_ok, dout_ok, acc * inv_tau)

@@ -170,3 +170,91 @@ def split_range(n_tiles, pid_s, n_split):
     t_start = pid_s * per_split
     t_stop = tl.minimum(t_start + per_split, n_tiles)
     return t_start, t_stop
+
+
+@triton.jit
+def row_block(pid_m, M, BLOCK_M: tl.constexpr):
+    """int64 indices of row block `pid_m` and their in-range mask."""
+    rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    return rows, rows < M
+
+
+@triton.jit
+def labels_of(LAB, idx, ok, period, other, HAS_LABELS: tl.constexpr):
+    """Labels of rows `idx`: loaded (masked entries get `other`, which no real row compares
+    equal to once masked) or implicit, i mod period."""
+    if HAS_LABELS:
+        lab = tl.load(LAB + idx, mask=ok, other=other)
+    else:
+        lab = idx % period
+    return lab
+
+
+@triton.jit
+def row_weights(GA, GB, LSE, idx, ok):
+    """(a, b, lse, use) of rows `idx` for the backward: the weights of lse and of the positive
+    sum, and the row lse — +inf where a = 0, so that its exp2 term is exactly 0 (no 0·inf)."""
+    a = tl.load(GA + idx, mask=ok, other=0.0)
+    b = tl.load(GB + idx, mask=ok, other=0.0)
+    lse = tl.load(LSE + idx, mask=ok, other=0.0)
+    use = a != 0.0
+    return a, b, tl.where(use, lse, float("inf")), use
+
+
+@triton.jit
+def softmax_weight(a, s, lse):
+    """a · P = a · exp(s − lse) (exp2 domain); s ≤ lse for every real entry, the clamp only
+    keeps masked entries from overflowing."""
+    return a * tl.exp2(tl.minimum(s - lse, 0.0) * 1.4426950408889634)
+
+
+@triton.jit
+def out_columns(pid_d, D, BLOCK_DO: tl.constexpr):
+    """Output columns [pid_d·BLOCK_DO, +BLOCK_DO) of a backward program and their mask."""
+    d_out = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
+    return d_out, d_out < D
+
+
+@triton.jit
+def load_out_tile(B, stride_bm, stride_bd, cols, col_ok, d_out, dout_ok, b, D_CHUNKS: tl.constexpr,
+                  CAST_F32: tl.constexpr):
+    """The column rows B[cols] at the output columns: the tile `dot_tile` returned when D is one
+    chunk, else loaded for this output chunk."""
+    if D_CHUNKS != 1:
+        b = tl.load(B + cols[:, None] * stride_bm + d_out[None, :] * stride_bd,
+                    mask=col_ok[:, None] & dout_ok[None, :], other=0.0)
+        if CAST_F32:
+            b = b.to(tl.float32)
+    return b
+
+
+@triton.jit
+def accumulate_hb(acc, h, b, H_BF16: tl.constexpr, PREC: tl.constexpr):
+    """acc += H · B in fp32: bf16 operands for fp16 inputs (H spans a range fp16 underflows),
+    else B's dtype."""
+    if H_BF16:
+        acc = tl.dot(h.to(tl.bfloat16), b.to(tl.bfloat16), acc)
+    else:
+        acc = tl.dot(h.to(b.dtype), b, acc, input_precision=PREC)
+    return acc
+
+
+@triton.jit
+def store_grad(G, pid_s, stride_gs, rows, stride_gm, d_out, row_ok, dout_ok, acc):
+    """G[split, rows, d_out] = acc (stride_gs = 0 with one split), in G's dtype."""
+    out = G + pid_s.to(tl.int64) * stride_gs + rows[:, None] * stride_gm + d_out[None, :]
+    tl.store(out, acc.to(G.dtype.element_ty), mask=row_ok[:, None] & dout_ok[None, :])
+
+
+@triton.jit
+def cross_tile_counts(N, NQ, BLOCK_N: tl.constexpr, IN_BATCH: tl.constexpr, HAS_QUEUE: tl.constexpr):
+    """Column tiles of a cross-family row: key tiles (in-batch keys) then queue tiles."""
+    if IN_BATCH:
+        n_kt = tl.cdiv(N, BLOCK_N)
+    else:
+        n_kt = 0
+    if HAS_QUEUE:
+        n_qt = tl.cdiv(NQ, BLOCK_N)
+    else:
+        n_qt = 0
+    return n_kt, n_qt
