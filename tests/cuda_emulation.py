@@ -16,6 +16,7 @@ float64 reference.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import ctypes
 import functools
 import hashlib
@@ -25,6 +26,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -94,21 +96,19 @@ def sanitizer_runtime(variant: str) -> str | None:
     return path if r.returncode == 0 and os.path.isabs(path) else None
 
 
+@functools.lru_cache(maxsize=None)
 def _compiler_id() -> str:
     return subprocess.run([CXX, "--version"], capture_output=True, text=True).stdout
 
 
-def _build(kind: str, sources: list[Path], main: Path, flags: list[str], shared: bool) -> Path:
-    h = hashlib.sha256()
-    for s in sources:
-        h.update(s.name.encode())
-        h.update(s.read_bytes())
-    h.update(json.dumps([flags, shared, _compiler_id()]).encode())
-    out = BUILD_DIR / f"{kind}-{h.hexdigest()[:16]}{'.so' if shared else ''}"
-    if out.exists():
-        return out
+_pool: concurrent.futures.ThreadPoolExecutor | None = None
+_pending: dict[Path, concurrent.futures.Future] = {}
+_pending_lock = threading.Lock()
+
+
+def _compile(out: Path, main: Path, flags: list[str], shared: bool) -> Path:
     BUILD_DIR.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}-{threading.get_ident()}")
     cmd = [CXX, *flags, *(["-fPIC", "-shared"] if shared else []), str(main), "-o", str(tmp)]
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
@@ -118,19 +118,40 @@ def _build(kind: str, sources: list[Path], main: Path, flags: list[str], shared:
     return out
 
 
-def build_kernels(variant: str = "plain", defines: tuple[str, ...] = ()) -> Path:
+def _build(kind: str, sources: list[Path], main: Path, flags: list[str], shared: bool,
+           wait: bool = True) -> Path | None:
+    h = hashlib.sha256()
+    for s in sources:
+        h.update(s.name.encode())
+        h.update(s.read_bytes())
+    h.update(json.dumps([flags, shared, _compiler_id()]).encode())
+    out = BUILD_DIR / f"{kind}-{h.hexdigest()[:16]}{'.so' if shared else ''}"
+    if out.exists():
+        return out
+    global _pool
+    with _pending_lock:
+        future = _pending.get(out)
+        if future is None:
+            if _pool is None:  # two compilers at a time (CI has 2 cores)
+                _pool = concurrent.futures.ThreadPoolExecutor(max_workers=2)
+            future = _pending[out] = _pool.submit(_compile, out, main, flags, shared)
+    return future.result() if wait else None
+
+
+def build_kernels(variant: str = "plain", defines: tuple[str, ...] = (), wait: bool = True) -> Path:
     """The emulated kernel library for a variant ("plain", "tsan", "asan"), with optional
-    -D switches (the planted-defect tests). Returns the .so path (cached)."""
+    -D switches (the planted-defect tests). Returns the .so path (cached); wait=False only
+    starts the build in the background."""
     flags = COMMON_FLAGS + SANITIZER_FLAGS[variant] + [f"-D{d}" for d in defines]
     kind = "-".join(["self_similarity_emulated", variant, *[d.lower() for d in defines]])
-    return _build(kind, KERNEL_SOURCES, EMULATION / "self_similarity_emulated.cpp", flags, shared=True)
+    return _build(kind, KERNEL_SOURCES, EMULATION / "self_similarity_emulated.cpp", flags, shared=True, wait=wait)
 
 
-def build_rules(variant: str = "plain") -> Path:
+def build_rules(variant: str = "plain", wait: bool = True) -> Path:
     """The executable of small kernels that break the emulator's rules on purpose."""
     flags = COMMON_FLAGS + SANITIZER_FLAGS[variant]
     return _build(f"emulation_rules-{variant}", [*EMULATION_SOURCES, RULES_SOURCE], RULES_SOURCE, flags,
-                  shared=False)
+                  shared=False, wait=wait)
 
 
 def sanitizer_env(variant: str, extra: dict | None = None) -> dict:

@@ -30,6 +30,19 @@ DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat1
 STAT_NAMES = ("lse", "pos_sum", "pos_count", "ps_sum", "top1")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _prebuild():
+    """Starts every build this module needs (two compilers at a time); tests wait for theirs."""
+    emu.build_kernels("plain", wait=False)
+    emu.build_rules("plain", wait=False)
+    for variant, defines in (("tsan", ()), ("asan", ()), ("tsan", ("FASTNTXENT_EMULATION_DROP_BARRIER",)),
+                             ("asan", ("FASTNTXENT_EMULATION_READ_PAST_END",))):
+        if emu.sanitizer_problem(variant) is None:
+            emu.build_kernels(variant, defines, wait=False)
+    if emu.sanitizer_problem("tsan") is None:
+        emu.build_rules("tsan", wait=False)
+
+
 @pytest.fixture(scope="module")
 def kernels():
     return emu.Kernels(emu.build_kernels("plain"))
@@ -228,9 +241,10 @@ def test_non_contiguous_rows(kernels, dtype):
                           kernels.backward(_rows_numpy(u), code, tau, None, M // 2, dense[0], g, g[::-1]))
 
 
-def test_shared_memory_is_found_and_poisoned_per_block():
-    """The emulator finds each kernel's __shared__ array (so that it poisons it before every
-    block): one per kernel instantiation, of a plausible size."""
+def test_shared_array_of_every_kernel_is_found():
+    """The emulator finds each kernel's __shared__ array in the symbol table (to poison it
+    before every block and bound-check WMMA tiles): one per kernel instantiation, within the
+    48 KiB of static shared memory."""
     import subprocess
     import sys
     import tempfile

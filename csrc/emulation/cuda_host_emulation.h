@@ -790,7 +790,7 @@ inline T from_f(float x) {
 }  // namespace detail
 
 template <typename Use, typename T, typename L>
-inline void fill_fragment(fragment<Use, 16, 16, 16, T, L>& f, const T& value) {
+inline void fill_fragment(fragment<Use, 16, 16, 16, T, L>& f, const std::type_identity_t<T>& value) {
   cuda_emu::ThreadState& t = cuda_emu::self("wmma::fill_fragment");
   uint32_t bits = 0;
   std::memcpy(&bits, &value, sizeof value);
