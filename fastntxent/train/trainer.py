@@ -155,7 +155,8 @@ class Trainer:
         self.autocast = ((lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16
                          else contextlib.nullcontext)
         self.start_epoch, self.step_in_epoch, self.global_step = 0, 0, 0
-        self.history, self.accum = [], _new_accum()
+        self.history: list[dict] = []
+        self.accum = _new_accum()
 
     def _resume(self) -> dict:
         """Load --resume into the method, optimiser, scheduler and loop state; returns the
@@ -285,7 +286,8 @@ class Trainer:
 
     def _interrupt(self, stop: _StopOnSignal, epoch: int, step_in_epoch: int) -> None:
         self._save(epoch, step_in_epoch)
-        raise TrainingInterrupted(stop.signum or signal.SIGTERM, self.ckpt_path)  # (or: another rank's)
+        # signum is None on a rank that was not signalled itself (another rank was)
+        raise TrainingInterrupted(stop.signum or signal.SIGTERM, self.ckpt_path)
 
     def _save(self, epoch: int, step_in_epoch: int) -> None:
         """Rank 0 writes last.pt (resuming at `epoch`, `step_in_epoch`); every rank waits."""
