@@ -148,15 +148,11 @@ def kernel_sha():
 
 
 def kernel_flags(tiles, dtype: str, prec32: str, D: int, cap: int):
-    """common.kernel_flags without torch (tests/test_compile_gate.py checks they agree)."""
-    if cap < 80:  # sm_75: no bf16 MMA, no tf32: 16-bit inputs upcast, exact fp32 products
-        cast, prec, h_bf16 = dtype != "fp32", "ieee", False
-    else:
-        cast = False
-        prec = prec32 if dtype == "fp32" else "tf32"
-        h_bf16 = dtype == "fp16"
-    block_d, d_chunks, block_do = tiles.d_blocks(D, fp32=cast or dtype == "fp32")
-    return dict(CAST_F32=cast, PREC=prec, H_BF16=h_bf16, BLOCK_D=block_d, D_CHUNKS=d_chunks, BLOCK_DO=block_do)
+    """The launchers' flags for this dtype, precision, D and compute capability: the one rule
+    in tiles.flags_for (EXACT is not a kernel argument: it selects the configs)."""
+    flags = tiles.flags_for(dtype, prec32, D, (cap // 10, cap % 10))
+    flags.pop("EXACT")
+    return flags
 
 
 # ----------------------------------------------------------------------------- launches
@@ -302,9 +298,10 @@ def full_matrix(mods, targets):
                     for v in variants[1:]:
                         add(fb, v, dtk, 128, target)
                 continue
+            exact = [cfgs.index(c) for c in tiles.exact_configs(cfgs)]  # what prune_configs keeps
             for dtk in ("bf16", "fp16", "tf32", "ieee"):
-                for ci in range(len(cfgs)):
-                    add(ci, default, dtk, 128, target)                  # every config, D = 128
+                for ci in (exact if dtk == "ieee" else range(len(cfgs))):
+                    add(ci, default, dtk, 128, target)                  # every config it can pick, D = 128
                 add(fb, default, dtk, 512, target)                      # chunked D on the fallback
                 for v in variants[1:]:                                  # constexpr variants
                     add(fb, v, dtk, 128, target)

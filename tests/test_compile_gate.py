@@ -69,7 +69,11 @@ def test_kernel_flags_match_launchers():
                         want = common.kernel_flags(dtype, D, cap)
                         got = gate.kernel_flags(tiles, name, prec, D, cap[0] * 10 + cap[1])
                         assert (got["CAST_F32"], got["PREC"], got["H_BF16"], got["BLOCK_D"], got["D_CHUNKS"],
-                                got["BLOCK_DO"]) == tuple(want), (name, prec, D, cap)
+                                got["BLOCK_DO"]) == (want.cast_f32, want.prec, want.h_bf16, want.block_d,
+                                                     want.d_chunks, want.block_do), (name, prec, D, cap)
+                        # exact fp32 products: D chunks of at most 32 (wider ones spill kilobytes)
+                        if want.exact and not tiles.INTERPRETING:  # (the interpreter has its own blocks)
+                            assert want.block_d <= tiles.EXACT_CHUNK_D and want.prec == "ieee"
     finally:
         common.set_fp32_precision(None)
 
@@ -92,3 +96,37 @@ def test_specialisation_matches_triton_runtime():
     for dt, name in ((tl.bfloat16, "bf16"), (tl.float16, "fp16"), (tl.float32, "fp32"), (tl.int64, "i64")):
         ty, attr = jit.native_specialize_impl(CUDABackend, jit.MockTensor(dt), False, True, True)[:2]
         assert gate.specialize(gate.P(name))[:2] == (ty, "D" in attr)
+
+
+def test_exact_fp32_tiling_outside_the_interpreter():
+    """What the GPU launch uses for exact fp32 (the tests' process runs the interpreter, so
+    the kernel modules are loaded as the gate loads them, without TRITON_INTERPRET)."""
+    import subprocess
+    import sys
+
+    code = ("import importlib.util, sys; sys.path.insert(0, '.ci'); import compile_triton as g; m = g.load_kernels(); "
+            "t = m['tiles']; print(t.d_blocks(128, True, exact=True), t.d_blocks(20, True, exact=True), "
+            "len(t.exact_configs(t.FWD_CONFIGS)), len(t.FWD_CONFIGS))")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["(32,", "4,", "64)", "(32,", "1,", "32)", "2", "7"], out.stdout
+
+
+def test_exact_fp32_launches_keep_only_small_configs():
+    """prune_configs: exact fp32 (ieee) launches never compile the large tiles that spill."""
+    torch = pytest.importorskip("torch")
+    from fastntxent._triton import tiles
+
+    u32, u16 = torch.empty(2, 2), torch.empty(2, 2, dtype=torch.bfloat16)
+    for configs in (tiles.FWD_CONFIGS, tiles.BWD_CONFIGS):
+        kept = tiles.prune_configs(configs, {"U": u32}, PREC="ieee", CAST_F32=False)
+        if tiles.INTERPRETING:
+            assert kept == configs
+            continue
+        assert kept and all(c.kwargs["BLOCK_M"] <= 64 and c.kwargs["BLOCK_N"] <= 64 and c.num_warps <= 4
+                            for c in kept)
+        assert configs[-1] in kept  # the fallback config stays
+        assert tiles.prune_configs(configs, {"U": u32}, PREC="tf32", CAST_F32=False) == configs
+        assert tiles.prune_configs(configs, {"U": u16}, PREC="tf32", CAST_F32=False) == configs
+        assert tiles.prune_configs(configs, {"U": u16}, PREC="ieee", CAST_F32=True) == kept  # sm_75

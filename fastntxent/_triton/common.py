@@ -18,7 +18,7 @@ from typing import NamedTuple, Optional
 import torch
 import triton
 
-from .tiles import INTERPRETING, d_blocks
+from .tiles import TENSOR_CORE_BF16, flags_for
 
 __all__ = ["set_fp32_precision", "get_fp32_precision"]
 
@@ -27,7 +27,6 @@ PRECISIONS = ("tf32", "tf32x3", "ieee")
 # Oldest GPU the Triton kernels run on; sm_75 (Turing) has fp16 tensor cores only, so bf16
 # inputs are upcast to fp32 there and fp32 products are exact ("ieee": no tf32 before sm_80).
 MIN_CAPABILITY = (7, 5)
-TENSOR_CORE_BF16 = (8, 0)
 
 _fp32_precision: Optional[str] = os.environ.get("FASTNTXENT_TRITON_FP32_PRECISION", "").lower() or None
 if _fp32_precision not in PRECISIONS:
@@ -75,29 +74,20 @@ class KernelFlags(NamedTuple):
     cast_f32: bool   # upcast operands to fp32 after the load
     prec: str        # tl.dot input_precision for fp32 operands
     h_bf16: bool     # backward: H and the column rows in bf16 (fp16 inputs: H underflows fp16)
+    exact: bool      # fp32 products on FMA units (small tiles, narrow D chunks)
     block_d: int
     d_chunks: int
     block_do: int
 
 
+_DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
 def kernel_flags(dtype: torch.dtype, D: int, capability: Optional[tuple[int, int]]) -> KernelFlags:
     """Compile-time flags for inputs of `dtype` and width D on a GPU of `capability` (None:
-    the interpreter, which needs every operand in fp32 and has no tf32)."""
-    if capability is None:
-        cast, prec, h_bf16 = INTERPRETING or interpreting(), "ieee", False
-        if dtype == torch.float32:
-            prec = get_fp32_precision()
-    elif capability < TENSOR_CORE_BF16:
-        # sm_75: no bf16 MMA and no tf32: bf16 and fp16 operands go through exact fp32
-        # products (fp16 keeps its own operands in the forward would need a second code path
-        # for the backward's bf16 H; one fp32 path is simpler and exact).
-        cast, prec, h_bf16 = dtype != torch.float32, "ieee", False
-    else:
-        cast = False
-        prec = get_fp32_precision() if dtype == torch.float32 else "tf32"
-        h_bf16 = dtype == torch.float16
-    block_d, d_chunks, block_do = d_blocks(D, fp32=cast or dtype == torch.float32)
-    return KernelFlags(cast, prec, h_bf16, block_d, d_chunks, block_do)
+    the interpreter): tiles.flags_for, the one rule (also used by .ci/compile_triton.py)."""
+    f = flags_for(_DTYPE_NAMES[dtype], get_fp32_precision(), D, capability)
+    return KernelFlags(f["CAST_F32"], f["PREC"], f["H_BF16"], f["EXACT"], f["BLOCK_D"], f["D_CHUNKS"], f["BLOCK_DO"])
 
 
 def check_device(device: torch.device) -> None:

@@ -21,11 +21,11 @@ Every output element is written by one program: no atomics, deterministic.
 import triton
 import triton.language as tl
 
-from .tiles import (BWD_CONFIGS, FWD_CONFIGS, accumulate_hb, cross_tile_counts, dot_tile, load_out_tile, load_rows,
+from .tiles import (BWD_CONFIGS, FWD_CONFIGS, prune_configs, accumulate_hb, cross_tile_counts, dot_tile, load_out_tile, load_rows,
                     online_update, out_columns, row_block, row_dot, row_weights, softmax_weight, split_range, store_grad)
 
 
-@triton.autotune(configs=FWD_CONFIGS, key=["M_KEY", "C_KEY", "D", "PREC", "IN_BATCH", "HAS_QUEUE", "SPLIT"])
+@triton.autotune(configs=FWD_CONFIGS, key=["M_KEY", "C_KEY", "D", "PREC", "IN_BATCH", "HAS_QUEUE", "SPLIT"], prune_configs_by={"early_config_prune": prune_configs})
 @triton.jit
 def cross_fwd_kernel(
     Q, stride_qm, stride_qd, K, stride_km, stride_kd, QU, stride_um, stride_ud,
@@ -117,7 +117,7 @@ def grad_acc(acc, dots, scale, lse_r, a_r, use_r, col_ok, extra, b, H_BF16: tl.c
     return accumulate_hb(acc, h + extra, b, H_BF16, PREC)
 
 
-@triton.autotune(configs=BWD_CONFIGS, key=["M_KEY", "C_KEY", "D", "PREC", "IN_BATCH", "HAS_QUEUE"])
+@triton.autotune(configs=BWD_CONFIGS, key=["M_KEY", "C_KEY", "D", "PREC", "IN_BATCH", "HAS_QUEUE"], prune_configs_by={"early_config_prune": prune_configs})
 @triton.jit
 def cross_bwd_q_kernel(
     Q, stride_qm, stride_qd, K, stride_km, stride_kd, QU, stride_um, stride_ud,
@@ -180,7 +180,7 @@ def cross_bwd_q_kernel(
     store_grad(G, pid_s, stride_gs, rows, stride_gm, d_out, row_ok, dout_ok, acc * scale)
 
 
-@triton.autotune(configs=BWD_CONFIGS, key=["M_KEY", "C_KEY", "D", "PREC"])
+@triton.autotune(configs=BWD_CONFIGS, key=["M_KEY", "C_KEY", "D", "PREC"], prune_configs_by={"early_config_prune": prune_configs})
 @triton.jit
 def cross_bwd_k_kernel(
     K, stride_km, stride_kd, Q, stride_qm, stride_qd,

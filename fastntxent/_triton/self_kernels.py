@@ -18,7 +18,7 @@ element is written by exactly one program (no atomics, deterministic).
 import triton
 import triton.language as tl
 
-from .tiles import (BWD_CONFIGS, FWD_CONFIGS, accumulate_hb, dot_tile, labels_of, load_out_tile, load_rows, online_update,
+from .tiles import (BWD_CONFIGS, FWD_CONFIGS, prune_configs, accumulate_hb, dot_tile, labels_of, load_out_tile, load_rows, online_update,
                     out_columns, row_block, row_weights, softmax_weight, split_range, store_grad)
 
 
@@ -31,7 +31,7 @@ def sim_tile(U, stride_um, stride_ud, rows, row_ok, cols, col_ok, q, D,
                      BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS, CAST_F32, PREC)
 
 
-@triton.autotune(configs=FWD_CONFIGS, key=["M_KEY", "D", "PREC", "HAS_LABELS", "SPLIT"])
+@triton.autotune(configs=FWD_CONFIGS, key=["M_KEY", "D", "PREC", "HAS_LABELS", "SPLIT"], prune_configs_by={"early_config_prune": prune_configs})
 @triton.jit
 def self_fwd_kernel(
     U, stride_um, stride_ud, TAU, LAB, M, D, period, M_KEY,
@@ -99,7 +99,7 @@ def self_fwd_kernel(
         tl.store(TOP1 + rows, best_pos, mask=row_ok)
 
 
-@triton.autotune(configs=BWD_CONFIGS, key=["M_KEY", "D", "PREC", "HAS_LABELS"])
+@triton.autotune(configs=BWD_CONFIGS, key=["M_KEY", "D", "PREC", "HAS_LABELS"], prune_configs_by={"early_config_prune": prune_configs})
 @triton.jit
 def self_bwd_kernel(
     U, stride_um, stride_ud, TAU, LAB, LSE, GA, GB, M, D, period, M_KEY,

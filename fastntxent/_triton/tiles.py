@@ -60,17 +60,85 @@ else:
         triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=1),  # fits any GPU
     ]
 
-def d_blocks(D: int, fp32: bool) -> tuple:
+# Exact fp32 ("ieee") products run on FMA units: a D chunk of at most EXACT_CHUNK_D and small
+# tiles keep their operands in registers (wider chunks spill kilobytes per thread), and the
+# backward's output chunk is EXACT_CHUNK_DO wide.
+EXACT_CHUNK_D = 32
+EXACT_CHUNK_DO = 64
+
+
+def d_blocks(D: int, fp32: bool, exact: bool = False) -> tuple:
     """(BLOCK_D, D_CHUNKS, BLOCK_DO) for embedding dimension D: the D tile of the similarity
-    products, how many of them cover D, and the output column chunk of the backward.
-    `tl.dot` needs every dimension ≥ 16: D < 16 is zero-padded to 16 by the masked loads."""
+    products, how many of them cover D, and the output column chunk of the backward (equal to
+    BLOCK_D when D is one chunk: the backward reuses the column tile). `exact`: fp32 products
+    on FMA units. `tl.dot` needs every dimension ≥ 16: D < 16 is zero-padded to 16 by the
+    masked loads."""
     if INTERPRETING:
         bd = min(INTERP_BLOCK_D, max(16, triton.next_power_of_2(D)))
         return bd, triton.cdiv(D, bd), bd
+    if exact:
+        if D <= EXACT_CHUNK_D:
+            bd = max(16, triton.next_power_of_2(D))
+            return bd, 1, bd
+        return EXACT_CHUNK_D, triton.cdiv(D, EXACT_CHUNK_D), EXACT_CHUNK_DO
     if D <= MAX_SINGLE_D["fp32" if fp32 else "16bit"]:
         bd = max(16, triton.next_power_of_2(D))
         return bd, 1, bd
     return CHUNK_D, triton.cdiv(D, CHUNK_D), CHUNK_DO
+
+
+TENSOR_CORE_BF16 = (8, 0)  # bf16 MMA and tf32 from sm_80
+
+
+def flags_for(dtype: str, fp32_precision: str, D: int, capability) -> dict:
+    """The constexpr flags a launch of inputs of `dtype` ("fp32", "bf16", "fp16") and width D
+    compiles with, on a GPU of `capability` (major, minor) or, for None, the interpreter:
+    CAST_F32 (operands upcast after the load), PREC (`tl.dot` precision of fp32 operands),
+    H_BF16 (the backward's H·U in bf16, for fp16 inputs whose H fp16 would underflow), EXACT
+    (fp32 products on FMA units: the small tiles of `prune_configs`) and the D tiling.
+
+    sm_75 has fp16 tensor cores only and no tf32: bf16 and fp16 operands are upcast there and
+    every product is exact fp32. The interpreter needs fp32 operands (it stores bf16 as raw
+    integers) and does not emulate tf32."""
+    if capability is None:
+        cast, prec, h_bf16 = True, fp32_precision if dtype == "fp32" else "ieee", False
+    elif tuple(capability) < TENSOR_CORE_BF16:
+        cast, prec, h_bf16 = dtype != "fp32", "ieee", False
+    else:
+        cast = False
+        prec = fp32_precision if dtype == "fp32" else "tf32"
+        h_bf16 = dtype == "fp16"
+    fp32_operands = cast or dtype == "fp32"
+    exact = fp32_operands and prec == "ieee" and capability is not None
+    block_d, d_chunks, block_do = d_blocks(D, fp32=fp32_operands, exact=exact)
+    return dict(CAST_F32=cast, PREC=prec, H_BF16=h_bf16, EXACT=exact, BLOCK_D=block_d, D_CHUNKS=d_chunks,
+                BLOCK_DO=block_do)
+
+
+def prune_configs(configs, named_args, **kwargs):
+    """Autotune pruning before anything compiles: exact fp32 products (EXACT, on FMA units)
+    keep only the configs with tiles of at most 64×64 and 4 warps, which hold their operands
+    in registers (the larger ones spill kilobytes per thread and take minutes to compile).
+    `EXACT` is not a kernel argument: the launchers pass it through `PREC`/`CAST_F32`."""
+    exact = (kwargs.get("PREC", named_args.get("PREC")) == "ieee"
+             and not INTERPRETING and _fp32_operands(named_args, kwargs))
+    return exact_configs(configs) if exact else configs
+
+
+def exact_configs(configs):
+    """The configs an exact-fp32 launch may use (see prune_configs)."""
+    small = [c for c in configs if c.kwargs["BLOCK_M"] <= 64 and c.kwargs["BLOCK_N"] <= 64 and c.num_warps <= 4]
+    return small or configs[-1:]
+
+
+def _fp32_operands(named_args, kwargs) -> bool:
+    if kwargs.get("CAST_F32", named_args.get("CAST_F32")):
+        return True
+    for name in ("U", "Q", "K"):
+        ptr = named_args.get(name)
+        if ptr is not None and hasattr(ptr, "dtype"):
+            return str(ptr.dtype) in ("torch.float32", "fp32", "float32")
+    return False
 
 
 @triton.jit
