@@ -250,11 +250,12 @@ def row_block(pid_m, M, BLOCK_M: tl.constexpr):
 @triton.jit
 def labels_of(LAB, idx, ok, period, other, HAS_LABELS: tl.constexpr):
     """Labels of rows `idx`: loaded (masked entries get `other`, which no real row compares
-    equal to once masked) or implicit, i mod period."""
+    equal to once masked) or implicit, i mod period — in int32 (row indices stay below 2³¹;
+    an int64 remainder is a call to a slow software routine in every tile)."""
     if HAS_LABELS:
         lab = tl.load(LAB + idx, mask=ok, other=other)
     else:
-        lab = idx % period
+        lab = idx.to(tl.int32) % period
     return lab
 
 
