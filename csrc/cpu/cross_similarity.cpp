@@ -64,7 +64,7 @@ CrossInputs prepare_cross(const at::Tensor& q, const at::Tensor& k, const c10::o
   TORCH_CHECK(pos_offset >= 0 && pos_offset + q.size(0) <= k.size(0), "fastntxent: pos_offset + M must be <= N, got ",
               pos_offset, " + ", q.size(0), " > ", k.size(0));
   const double s = scale.to(at::kCPU).item<double>();
-  TORCH_CHECK(std::isfinite(s), "fastntxent: scale must be finite, got ", s);
+  TORCH_CHECK_VALUE(std::isfinite(s) && s > 0, "fastntxent: the logit scale (1/temperature for InfoNCE) must be finite and > 0, got ", s);
   const auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   CrossInputs in{q.detach().to(acc).contiguous(), k.detach().to(acc).contiguous(), at::Tensor(), s, pos_offset,
                  in_batch};

@@ -55,7 +55,7 @@ Inputs prepare(const at::Tensor& u, const at::Tensor& temperature,
                const c10::optional<at::Tensor>& labels, int64_t period) {
   check_common(u, temperature, labels, period);
   const double tau = temperature.to(at::kCPU).item<double>();
-  TORCH_CHECK(std::isfinite(tau) && tau > 0, "fastntxent: temperature must be finite and > 0, got ", tau);
+  TORCH_CHECK_VALUE(std::isfinite(tau) && tau > 0, "fastntxent: temperature must be finite and > 0, got ", tau);
   at::Tensor lab = labels.has_value()
                        ? labels->contiguous()
                        : at::remainder(at::arange(u.size(0), u.options().dtype(at::kLong)), period);
