@@ -7,6 +7,7 @@ from . import _extension, reference
 from .self_family import multiview_nt_xent, nt_xent, supcon
 from .cross_family import clip_loss, info_nce
 from .losses import ClipLoss, InfoNCELoss, MemoryQueue, NTXentLoss, SupConLoss
+from .health import CollapseError, CollapseWarning, HealthMonitor, effective_rank, uniformity
 
 __version__ = "0.1.0"
 
@@ -21,6 +22,11 @@ __all__ = [
     "InfoNCELoss",
     "ClipLoss",
     "MemoryQueue",
+    "HealthMonitor",
+    "CollapseWarning",
+    "CollapseError",
+    "effective_rank",
+    "uniformity",
     "reference",
     "__version__",
 ]

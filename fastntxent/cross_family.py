@@ -19,9 +19,12 @@ With `gather=True` the keys are gathered over torch.distributed (fastntxent.dist
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from . import _extension, backends
+from .health import health_stats
 from . import distributed as _dist
 from .row_math import accumulation_dtype, any_nonfinite, normalize_rows, poison, poison_gradient, reduce_rows
 from ._validation import (Scalar, as_temperature, bad_scalar, check_embeddings, check_pair, check_reduction,
@@ -79,6 +82,10 @@ if _extension.has_cross_kernels():
 # ---------------------------------------------------------------------------------------
 # Losses
 # ---------------------------------------------------------------------------------------
+def _unit(x: torch.Tensor, normalized: bool) -> torch.Tensor:
+    return x if normalized else torch.nn.functional.normalize(x.float(), dim=1)
+
+
 def _rows(x: torch.Tensor, dtype: torch.dtype, normalize: bool) -> torch.Tensor:
     return normalize_rows(x, dtype) if normalize else x.to(dtype)
 
@@ -171,10 +178,16 @@ def info_nce(
         neg_pairs = M * (cols.shape[0] - (1 if keys_are_negatives else 0))
         sums = _sum_stats(gather, top1=top1.sum(), pos=pos_cos.sum(), neg=neg,
                           neg_pairs=torch.full((), float(neg_pairs), dtype=acc, device=q.device))
+        n_cols = (keys.shape[0] if keys_are_negatives else 1) + (0 if uqueue is None else uqueue.shape[0])
+        positive_cosine = sums["pos"] / global_rows
         stats = {
             "top1_accuracy": sums["top1"] / global_rows,
-            "positive_cosine": sums["pos"] / global_rows,
+            "positive_cosine": positive_cosine,
             "negative_cosine": sums["neg"] / sums["neg_pairs"].clamp_min(1),
+            # Uniform logits: every query's loss is ln(columns), a random ranking's top-1 1/columns.
+            **health_stats(loss, torch.full((), math.log(n_cols), dtype=acc, device=q.device),
+                           torch.full((), 1.0 / n_cols, dtype=acc, device=q.device), positive_cosine,
+                           _unit(uq, normalize)),
         }
     return loss, {key: poison(v, bad) for key, v in stats.items()}
 
@@ -231,5 +244,8 @@ def clip_loss(
             "top1_b_to_a": sums["ba"] / global_rows,
             "positive_cosine": sums["pos"] / global_rows,
             "logit_scale": scale.detach(),
+            **health_stats(loss, torch.full((), math.log(global_rows), dtype=loss.dtype, device=a.device),
+                           torch.full((), 1.0 / global_rows, dtype=loss.dtype, device=a.device),
+                           sums["pos"] / global_rows, torch.cat([_unit(ua, normalize), _unit(ub, normalize)], 1)),
         }
     return loss, {key: poison(v, bad) for key, v in stats.items()}

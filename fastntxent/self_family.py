@@ -17,11 +17,14 @@ operator and reduce.
 """
 from __future__ import annotations
 
+import math
+import warnings
 from typing import Sequence, Union
 
 import torch
 
 from . import _extension, backends
+from .health import CollapseWarning, health_stats
 from .row_math import accumulation_dtype, any_nonfinite, normalize_rows, poison, poison_gradient, reduce_rows, row_loss
 from ._validation import (Scalar, as_temperature, bad_scalar, check_embeddings, check_labels, check_pair,
                           check_reduction, check_same_device, refuse_double_backward, refuse_unsupported_autograd)
@@ -73,8 +76,9 @@ if _extension.has_cpu_kernels():
 # ---------------------------------------------------------------------------------------
 # Losses
 # ---------------------------------------------------------------------------------------
-def _stats(u, tau, pos_sum, pos_count, top1, has_pos) -> dict:
-    """Top-1 accuracy and mean positive / negative cosine, from the kernels' row outputs."""
+def _stats(u, tau, pos_sum, pos_count, top1, has_pos, loss, normalized: bool) -> dict:
+    """Top-1 accuracy, mean positive / negative cosine and the health statistics
+    (fastntxent.health), from the kernels' row outputs: O(M·D), tensors, no host sync."""
     with torch.no_grad():
         acc = pos_sum.dtype
         anchors = has_pos.sum().clamp_min(1).to(acc)
@@ -84,11 +88,19 @@ def _stats(u, tau, pos_sum, pos_count, top1, has_pos) -> dict:
         M = u.shape[0]
         pos_pairs = pos_count.sum()
         neg_pairs = (M * (M - 1) - pos_pairs).clamp_min(1)
+        others = max(M - 1, 1)
+        positive_cosine = pos_cos.sum() / pos_pairs.clamp_min(1)
+        # Uniform similarities: lse_i = s + ln(M−1) and the positives' mean is s, so every
+        # anchor's loss is ln(M−1); a random ranking's top-1 is |P(i)|/(M−1).
+        chance = torch.full((), math.log(others), dtype=acc, device=u.device)
+        top1_chance = ((pos_count / others) * has_pos).sum() / anchors
+        unit = u if normalized else torch.nn.functional.normalize(u, dim=1)
         return {
             "top1_accuracy": (top1 * has_pos).sum() / anchors,
-            "positive_cosine": pos_cos.sum() / pos_pairs.clamp_min(1),
+            "positive_cosine": positive_cosine,
             "negative_cosine": (row_cos.sum() - pos_cos.sum()) / neg_pairs,
             "anchors": has_pos.sum(),
+            **health_stats(loss, chance, top1_chance, positive_cosine, unit),
         }
 
 
@@ -119,9 +131,20 @@ def self_similarity_loss(
     per_row, has_pos = row_loss(lse, pos_sum, pos_count)
     loss = poison(reduce_rows(per_row, has_pos, reduction), bad, tau)
     if return_stats:
-        stats = _stats(u, tau, pos_sum, pos_count, top1, has_pos)
+        stats = _stats(u, tau, pos_sum, pos_count, top1, has_pos, loss, normalize)
         return loss, {key: poison(v.to(loss.dtype), bad) if v.is_floating_point() else v for key, v in stats.items()}
     return loss
+
+
+def _warn_if_same_views(z1: torch.Tensor, z2: torch.Tensor) -> None:
+    """The two views are one tensor (no augmentation between them): the task is trivial."""
+    if torch.compiler.is_compiling():
+        return
+    if z1 is z2 or (z1.data_ptr() == z2.data_ptr() and z1.stride() == z2.stride() and z1.shape == z2.shape):
+        warnings.warn("nt_xent: z1 and z2 are the same tensor, so every positive pair is an embedding "
+                      "with itself and the task is trivial (the loss falls to ~0 and nothing is learned). "
+                      "Pass the embeddings of two different augmentations of each sample.",
+                      CollapseWarning, stacklevel=3)
 
 
 def nt_xent(
@@ -141,6 +164,7 @@ def nt_xent(
     `gather=True`: loss of all ranks' rows (torch.distributed), see fastntxent.distributed.
     """
     check_pair("z1", z1, "z2", z2)
+    _warn_if_same_views(z1, z2)
     if gather:
         from .distributed import gathered_nt_xent
 
