@@ -102,9 +102,16 @@ def as_temperature(temperature: Scalar, like: torch.Tensor, name: str = "tempera
         # A float that torch.compile traces symbolically (a temperature schedule): no Python
         # check is possible; the losses poison their output for a value <= 0 or non-finite.
         return torch.ones((), dtype=acc, device=like.device) * temperature  # stays symbolic: no recompile per value
-    value = float(temperature)
+    try:
+        value = float(temperature)
+    except OverflowError:  # an int beyond float's range
+        raise ValueError(f"{name} must be finite and > 0, got an int beyond float's range") from None
     if not (math.isfinite(value) and value > 0):
         raise ValueError(f"{name} must be finite and > 0, got {value}")
+    info = torch.finfo(acc)
+    if not (info.tiny <= value <= info.max):  # would round to 0 / inf (or a subnormal) in `acc`
+        raise ValueError(f"{name} = {value!r} is outside the normal range of {acc} ({info.tiny:.3g} to "
+                         f"{info.max:.3g}), the dtype the loss is computed in")
     return torch.full((), value, dtype=acc, device=like.device)  # a fill on the device: no host copy
 
 

@@ -8,7 +8,14 @@ from torch import nn
 
 from .cross_family import clip_loss, info_nce
 from .self_family import nt_xent, supcon
-from ._validation import check_backend, check_flag, check_positive_number, check_reduction
+from ._validation import SUPPORTED_DTYPES, check_backend, check_flag, check_positive_number, check_reduction
+
+
+def _shown(value) -> str:
+    """A scalar setting for repr(): a float, or "?" for a tensor without data (meta device)."""
+    if isinstance(value, torch.Tensor) and value.is_meta:
+        return "?"
+    return f"{float(torch.as_tensor(value).detach()):.4g}"
 
 
 class _TemperatureModule(nn.Module):
@@ -37,8 +44,7 @@ class _TemperatureModule(nn.Module):
                     return_stats=return_stats, gather=self.gather)
 
     def extra_repr(self) -> str:
-        t = float(torch.as_tensor(self.temperature).detach())
-        return (f"temperature={t:.4g}, learnable_temperature={self.learnable_temperature}, "
+        return (f"temperature={_shown(self.temperature)}, learnable_temperature={self.learnable_temperature}, "
                 f"normalize={self.normalize}, reduction={self.reduction!r}, backend={self.backend!r}, "
                 f"gather={self.gather}")
 
@@ -145,9 +151,9 @@ class ClipLoss(nn.Module):
                          gather=self.gather, return_stats=return_stats)
 
     def extra_repr(self) -> str:
-        s = float(torch.as_tensor(self.logit_scale).detach())
-        return (f"logit_scale={s:.4g}, learnable={self.learnable}, max_logit_scale={self.max_logit_scale}, "
-                f"normalize={self.normalize}, backend={self.backend!r}, gather={self.gather}")
+        return (f"logit_scale={_shown(self.logit_scale)}, learnable={self.learnable}, "
+                f"max_logit_scale={self.max_logit_scale}, normalize={self.normalize}, backend={self.backend!r}, "
+                f"gather={self.gather}")
 
 
 class MemoryQueue(nn.Module):
@@ -166,6 +172,10 @@ class MemoryQueue(nn.Module):
         for name, v in (("dim", dim), ("size", size)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+        if not isinstance(dtype, torch.dtype) or dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"dtype must be one of float32, float64, bfloat16, float16, got {dtype!r}")
+        if gather is not None:
+            check_flag("gather", gather)
         self.dim, self.size, self.gather = dim, size, gather
         self.register_buffer("queue", nn.functional.normalize(torch.randn(size, dim), dim=1).to(dtype))
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
@@ -180,6 +190,10 @@ class MemoryQueue(nn.Module):
             raise TypeError(f"keys must be a torch.Tensor, got {type(keys).__name__}")
         if keys.dim() != 2 or keys.shape[1] != self.dim:
             raise ValueError(f"keys must have shape (B, {self.dim}), got {tuple(keys.shape)}")
+        if not keys.dtype.is_floating_point:
+            raise TypeError(f"keys must be a floating tensor, got dtype {keys.dtype}")
+        if keys.is_meta and not self.queue.is_meta:
+            raise ValueError(f"keys is on meta (no data) but the queue is on {self.queue.device}")
         keys = keys.detach()
         from . import distributed as dist
 

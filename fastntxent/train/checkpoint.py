@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import random
+import zipfile
 
 import numpy as np
 import torch
@@ -74,8 +75,26 @@ def resolve_path(path: str) -> str:
     return path
 
 
+def _crc_error(path: str):
+    """The first member of a zip checkpoint whose CRC-32 does not match its bytes (torch.load
+    does not check them: a flipped bit in a tensor would load silently), or None."""
+    try:
+        if not zipfile.is_zipfile(path):
+            return None  # torch.load reports what it is
+        with zipfile.ZipFile(path) as z:
+            return z.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError):
+        return None  # unreadable as a zip: torch.load's error says so
+
+
 def load_checkpoint(path: str, map_location="cpu") -> dict:
     path = resolve_path(path)
+    damaged = _crc_error(path)
+    if damaged is not None:
+        raise CheckpointError(
+            f"checkpoint {path!r} is corrupt or unreadable (the bytes of {damaged!r} fail their CRC-32 "
+            f"check). Refusing to start from scratch: resume from an intact checkpoint, or drop "
+            f"--resume to start a new run.")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # truncated zip, random bytes, a pickle needing arbitrary code...
@@ -94,6 +113,31 @@ def load_checkpoint(path: str, map_location="cpu") -> dict:
                               f"version, or edited); resume from an intact checkpoint or drop --resume.")
     state["path"] = path
     return state
+
+
+# What the trainer does with each entry needs this type (ints >= 0).
+_ENTRY_TYPES = {"structural": dict, "config": dict, "world_size": int, "epoch": int, "step_in_epoch": int,
+                "global_step": int, "model": dict, "optimizer": dict, "scheduler": dict, "rng": dict,
+                "history": list, "accum": dict}
+
+
+def check_entries(state: dict) -> None:
+    """The entries a resume uses have the types save() wrote (an edited or foreign file is a
+    CheckpointError naming the entry, not a traceback or a silently odd run)."""
+    bad = []
+    for k, t in _ENTRY_TYPES.items():
+        v = state.get(k)
+        if isinstance(v, bool) or not isinstance(v, t) or (t is int and v < 0):
+            bad.append(f"{k}={v!r:.40}" if not isinstance(v, (dict, list)) else f"{k} ({type(v).__name__})")
+    if not bad:
+        bad += [f"rng lacks {k!r}" for k in ("torch", "numpy", "python") if k not in state["rng"]]
+        bad += [f"accum lacks {k!r}" for k in ("loss", "top1", "n", "seconds") if k not in state["accum"]]
+        if not all(isinstance(r, dict) for r in state["history"]):
+            bad.append("history holds a non-dict row")
+    if bad:
+        raise CheckpointError(f"checkpoint {state.get('path')!r} has unusable entries: {', '.join(bad)} "
+                              f"(edited, or written by another program); resume from an intact checkpoint "
+                              f"or drop --resume.")
 
 
 def remove_stale_temporaries(directory: str) -> list:

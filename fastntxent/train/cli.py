@@ -36,11 +36,47 @@ _HELP = {
     "loss_backend": "fastntxent backend for the loss: auto, cpu, triton, cuda, reference",
 }
 _CHOICES = {"method": METHODS, "dataset": DATASETS, "arch": ARCHS, "optimizer": OPTIMIZERS,
-            "precision": ("auto", "bf16", "fp32")}
+            "precision": ("auto", "bf16", "fp32"), "loss_backend": ("auto", "cpu", "triton", "cuda", "reference")}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line naming the flag (the full usage is what --help prints)
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _check_environment(cfg) -> None:
+    """What the config alone cannot check: the device exists, the loss backend runs on it, the
+    run directory can be a directory. A ConfigError naming the flag, before anything starts."""
+    import os
+
+    import torch
+
+    from .. import backends
+
+    dev = cfg.device
+    if dev == "auto":
+        dev = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(dev)
+    except (RuntimeError, ValueError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {cfg.device}: no CUDA device is available here; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"--device {cfg.device}: only {torch.cuda.device_count()} CUDA device(s)")
+    try:
+        backends.resolve("self" if cfg.method == "simclr" else "cross", cfg.loss_backend, device, torch.float32)
+    except ValueError as e:
+        raise ConfigError(f"--loss-backend {cfg.loss_backend}: {e}") from None
+    for flag, d in (("--run-dir", cfg.run_dir), ("--out-dir", cfg.out_dir)):
+        if d and os.path.exists(d) and not os.path.isdir(d):
+            raise ConfigError(f"{flag} {d!r} exists and is not a directory")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="fastntxent-pretrain", description=__doc__,
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     hints = typing.get_type_hints(TrainConfig)
@@ -64,7 +100,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     cfg = TrainConfig(**vars(args))
     try:
-        cfg.resolved()  # every value checked before anything starts
+        _check_environment(cfg.resolved())  # every value checked before anything starts
     except ConfigError as e:
         print(f"fastntxent-pretrain: error: {e}", file=sys.stderr)
         return 2
@@ -78,7 +114,9 @@ def main(argv=None) -> int:
         print(f"\ninterrupted: checkpoint saved to {e.path}\n"
               f"continue with: fastntxent-pretrain --resume {e.path} [same options]", file=sys.stderr)
         return 128 + int(e.signum)
-    except (CheckpointError, DataNotFoundError) as e:
+    except (CheckpointError, DataNotFoundError, ConfigError, FloatingPointError) as e:
+        # (ConfigError here: a setting that only the data can refute, e.g. a batch larger than the
+        # dataset; FloatingPointError: the loss diverged, the message says which flags to change)
         print(f"fastntxent-pretrain: error: {e}", file=sys.stderr)
         return 2
     finally:

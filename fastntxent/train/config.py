@@ -37,6 +37,8 @@ _RANGES = (
     ("crop_size", 1, True, None), ("knn_k", 1, True, None), ("knn_temperature", 0.0, False, None),
     ("knn_every", 0, True, None), ("probe_weight_decay", 0.0, True, None), ("num_workers", 0, True, None),
     ("ckpt_every", 0, True, None), ("temperature", 0.0, False, None),
+    # seeds feed torch.Generator.manual_seed(seed * 1_000_003 + epoch) and numpy: keep them in 32 bits
+    ("seed", 0, True, 2**32 - 1),
 )
 
 
@@ -52,6 +54,10 @@ def _check_values(c: "TrainConfig") -> None:
         if v < low or (v == low and not low_ok) or (high is not None and v > high):
             bound = (f">= {low}" if low_ok else f"> {low}") + (f" and <= {high}" if high is not None else "")
             raise ConfigError(f"{_flag(name)} must be {bound}, got {v!r}")
+    # the loss computes in fp32: a temperature outside its normal range would round to 0 or inf
+    if c.temperature is not None and not (1.1754943508222875e-38 <= c.temperature <= 3.4028234663852886e38):
+        raise ConfigError(f"--temperature must be within float32's normal range (1.2e-38 to 3.4e38), "
+                          f"got {c.temperature!r}")
 
 
 @dataclass

@@ -18,6 +18,7 @@ from typing import Iterator, Optional
 import torch
 
 from . import augment as A
+from .config import ConfigError
 
 DIGITS_SPLIT_SEED = 0
 DIGITS_TEST_FRACTION = 0.2
@@ -39,7 +40,7 @@ class EpochBatchSampler:
         self.rank, self.world_size = rank, world_size
         self.num_batches = n // (batch_size * world_size)
         if self.num_batches == 0:
-            raise ValueError(f"dataset of {n} samples is smaller than one global batch "
+            raise ConfigError(f"dataset of {n} samples is smaller than one global batch "
                              f"({batch_size} x {world_size} processes); lower --batch-size")
         self.epoch, self.start = 0, 0
 

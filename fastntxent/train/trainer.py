@@ -125,7 +125,12 @@ class Trainer:
         self._open_run_dir(state["path"] if state else None)
         self.model = self._wrap_ddp()
         if state is not None:  # last: everything before this point may have drawn random numbers
-            C.set_rng_state(state["rng"])
+            try:
+                C.set_rng_state(state["rng"])
+            except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:
+                raise C.CheckpointError(f"checkpoint {state['path']!r}: the saved random-number state is "
+                                        f"unusable ({type(e).__name__}: {e}); resume from an intact "
+                                        f"checkpoint or drop --resume.") from e
 
     # -- setup ----------------------------------------------------------------------------
     def _setup(self) -> None:
@@ -163,6 +168,7 @@ class Trainer:
         checkpoint (its RNG state is restored last, in __init__)."""
         cfg = self.cfg
         state = C.load_checkpoint(cfg.resume, map_location=self.device)
+        C.check_entries(state)
         C.check_compatible(state, cfg.structural())
         if state["world_size"] != self.world:
             raise C.CheckpointError(f"checkpoint was written by {state['world_size']} processes, "
@@ -171,6 +177,9 @@ class Trainer:
         C.load_into("optimizer", self.optimizer, state["optimizer"], state["path"])
         C.load_into("scheduler", self.scheduler, state["scheduler"], state["path"])
         self.start_epoch, self.step_in_epoch = state["epoch"], state["step_in_epoch"]
+        if self.step_in_epoch > self.steps_per_epoch:
+            raise C.CheckpointError(f"checkpoint {state['path']!r}: step_in_epoch={self.step_in_epoch} is "
+                                    f"beyond the {self.steps_per_epoch} steps of an epoch of this run")
         self.global_step, self.history = state["global_step"], list(state["history"])
         self.accum = dict(state["accum"])
         if self.scheduler.total_steps != self.total_steps:  # --epochs changed: stretch the cosine
