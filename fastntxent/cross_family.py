@@ -27,7 +27,7 @@ from . import _extension, backends
 from .health import health_stats
 from . import distributed as _dist
 from .row_math import accumulation_dtype, any_nonfinite, normalize_rows, poison, poison_gradient, reduce_rows
-from ._validation import (Scalar, as_temperature, bad_scalar, check_embeddings, check_pair, check_reduction,
+from ._validation import (Scalar, as_temperature, bad_scalar, check_embeddings, check_flag, check_pair, check_reduction,
                           check_same_device, refuse_double_backward, refuse_unsupported_autograd)
 
 __all__ = ["info_nce", "clip_loss", "register_operators"]
@@ -129,6 +129,8 @@ def info_nce(
         check_embeddings("queue", queue)
         check_same_device(q=q, queue=queue)
     check_reduction(reduction)
+    for name, flag in (("normalize", normalize), ("gather", gather), ("return_stats", return_stats)):
+        check_flag(name, flag)
     tau = as_temperature(temperature, q)
     chosen = backends.resolve("cross", backend, q.device, q.dtype)
     forward = chosen.operators("cross").forward
@@ -209,6 +211,8 @@ def clip_loss(
     the loss over the global batch (see fastntxent.distributed).
     """
     check_pair("a", a, "b", b)
+    for name, flag in (("normalize", normalize), ("gather", gather), ("return_stats", return_stats)):
+        check_flag(name, flag)
     scale = as_temperature(logit_scale, a, name="logit_scale")
     chosen = backends.resolve("cross", backend, a.device, a.dtype)
     forward = chosen.operators("cross").forward

@@ -22,19 +22,23 @@ def normalize_rows(z: torch.Tensor, dtype: torch.dtype | None = None) -> torch.T
     underflows. A NaN or inf entry makes its whole row NaN (inf/inf), never a finite row."""
     acc = accumulation_dtype(z.dtype)
     x = z.to(acc)
+    zero = torch.zeros_like(x)
     direct_norm = torch.linalg.vector_norm(x, dim=1, keepdim=True)
-    u_direct = x / direct_norm.clamp_min(EPS)
-    # Rows whose squared norm overflows (or underflows below eps²) are divided by their largest
-    # magnitude first. A NaN or inf peak is kept: such a row becomes NaN (inf/inf).
     peak = x.abs().amax(dim=1, keepdim=True)
-    safe_peak = torch.where(peak == 0, torch.ones_like(peak), peak)
-    scaled = x / safe_peak                                   # entries in [-1, 1]
-    scaled_norm = torch.linalg.vector_norm(scaled, dim=1, keepdim=True)
-    big = ~(scaled_norm * safe_peak < EPS)                   # ‖z‖ ≥ eps; NaN rows take this branch
-    u_scaled = torch.where(big, scaled / torch.where(big, scaled_norm, torch.ones_like(scaled_norm)), x / EPS)
     tiny = torch.finfo(acc).tiny ** 0.5
+    # Three kinds of rows, each computed only from its own rows (the others see zeros), so that
+    # no branch that is not taken can put an inf derivative into the gradient (0·inf = NaN):
     plain = torch.isfinite(direct_norm) & (direct_norm > tiny) & torch.isfinite(peak)
-    u = torch.where(plain, u_direct, u_scaled)
+    small = ~plain & (peak < EPS)              # ‖z‖ < eps for sure, also when ‖z‖² underflows
+    huge = ~plain & ~small                     # ‖z‖² overflows, or a NaN / inf entry
+    u_plain = torch.where(plain, x, zero)
+    u_plain = u_plain / torch.linalg.vector_norm(u_plain, dim=1, keepdim=True).clamp_min(EPS)
+    x_huge = torch.where(huge, x, zero)
+    peak_huge = torch.where(huge & (peak != 0), peak, torch.ones_like(peak))  # NaN / inf peaks kept
+    scaled = x_huge / peak_huge                # entries in [-1, 1]; inf/inf = NaN rows stay NaN
+    u_huge = scaled / torch.linalg.vector_norm(scaled, dim=1, keepdim=True).clamp_min(EPS)
+    u_small = torch.where(small, x, zero) / EPS
+    u = torch.where(plain, u_plain, torch.where(huge, u_huge, u_small))
     return u.to(dtype or z.dtype)
 
 

@@ -26,8 +26,8 @@ import torch
 from . import _extension, backends
 from .health import CollapseWarning, health_stats
 from .row_math import accumulation_dtype, any_nonfinite, normalize_rows, poison, poison_gradient, reduce_rows, row_loss
-from ._validation import (Scalar, as_temperature, bad_scalar, check_embeddings, check_labels, check_pair,
-                          check_reduction, check_same_device, refuse_double_backward, refuse_unsupported_autograd)
+from ._validation import (Scalar, as_temperature, bad_scalar, check_embeddings, check_flag, check_labels,
+                          check_pair, check_reduction, check_same_device, refuse_double_backward, refuse_unsupported_autograd)
 
 __all__ = ["nt_xent", "multiview_nt_xent", "supcon", "self_similarity_loss", "register_operators"]
 
@@ -118,6 +118,8 @@ def self_similarity_loss(
     """Core of the family. z: (M, D); labels: (M,) int64, or None for label(i) = i mod
     rows_per_view. Returns the loss (fp32; fp64 for fp64 inputs) or (loss, stats)."""
     check_reduction(reduction)
+    check_flag("normalize", normalize)
+    check_flag("return_stats", return_stats)
     tau = as_temperature(temperature, z)
     chosen = backends.resolve("self", backend, z.device, z.dtype)
     refuse_unsupported_autograd(chosen.name, z, tau)
@@ -140,6 +142,9 @@ def _warn_if_same_views(z1: torch.Tensor, z2: torch.Tensor) -> None:
     """The two views are one tensor (no augmentation between them): the task is trivial."""
     if torch.compiler.is_compiling():
         return
+    if z1 is not z2 and any(torch._C._functorch.is_functorch_wrapped_tensor(t) or t.device.type == "meta"
+                            for t in (z1, z2)):
+        return  # no storage to compare (torch.func transforms, meta tensors)
     if z1 is z2 or (z1.data_ptr() == z2.data_ptr() and z1.stride() == z2.stride() and z1.shape == z2.shape):
         warnings.warn("nt_xent: z1 and z2 are the same tensor, so every positive pair is an embedding "
                       "with itself and the task is trivial (the loss falls to ~0 and nothing is learned). "
@@ -165,7 +170,7 @@ def nt_xent(
     """
     check_pair("z1", z1, "z2", z2)
     _warn_if_same_views(z1, z2)
-    if gather:
+    if check_flag("gather", gather):
         from .distributed import gathered_nt_xent
 
         return gathered_nt_xent(z1, z2, temperature, normalize=normalize, reduction=reduction,
@@ -226,7 +231,7 @@ def supcon(
     """
     check_embeddings("z", z)
     labels = check_labels(labels, z.shape[0], z.device)
-    if gather:
+    if check_flag("gather", gather):
         from .distributed import gathered_supcon
 
         return gathered_supcon(z, labels, temperature, normalize=normalize, reduction=reduction,

@@ -10,9 +10,9 @@
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
+import threading
 from typing import NamedTuple, Optional
 
 import torch
@@ -109,12 +109,18 @@ def check_device(device: torch.device) -> None:
         )
 
 
+# The Triton interpreter patches module-global state of triton.language during a launch: two
+# threads launching at once corrupt each other ("Did you forget to add @triton.jit ?").
+_INTERPRETER_LOCK = threading.Lock()
+
+
 def device_guard(device: torch.device):
-    """Context that makes `device` the current CUDA device for the launch (Triton launches on
-    the current device and its current stream; without this, inputs on cuda:1 while cuda:0 is
-    current would run on the wrong GPU)."""
+    """Context around a launch: on CUDA it makes `device` the current device (Triton launches
+    on the current device and its current stream; without this, inputs on cuda:1 while cuda:0
+    is current would run on the wrong GPU); on CPU tensors (the interpreter, not thread-safe)
+    it serialises the launches of concurrent threads."""
     if device.type != "cuda":
-        return contextlib.nullcontext()
+        return _INTERPRETER_LOCK
     return torch.cuda.device(device)
 
 

@@ -159,15 +159,8 @@ def test_bad_input_is_a_clear_error(thunk, error, match):
 # ---------------------------------------------------------------------------------------
 # Boolean options: a truthy string must not silently mean True
 # ---------------------------------------------------------------------------------------
-_FLAG_XFAIL = pytest.mark.xfail(strict=True, reason=(
-    "the functions do not check their True/False options (the modules do, _validation.check_flag): "
-    "normalize='no' / return_stats='no' are silently truthy; the check belongs in self_family.py / "
-    "cross_family.py (self_similarity_loss, multiview_nt_xent, info_nce, clip_loss)"))
-
-
 @pytest.mark.parametrize("loss", ["nt_xent", "supcon", "info_nce", "clip"])
 @pytest.mark.parametrize("flag", ["normalize", "return_stats"])
-@_FLAG_XFAIL
 def test_boolean_option_given_a_string_is_refused(loss, flag):
     xs = inputs(loss, torch.float32)
     with pytest.raises(TypeError, match=flag):

@@ -139,15 +139,9 @@ def test_mixed_magnitudes_in_one_batch(loss, backend):
     assert_matches_reference(loss, xs, 0.3, backend, what=f"{loss} mixed magnitudes")
 
 
-_SUBNORMAL_XFAIL = pytest.mark.xfail(strict=True, reason=(
-    "row_math.normalize_rows: a finite fp32 row whose largest entry is subnormal (|z| <= ~1e-39) gets a "
-    "NaN gradient: the masked scale-safe branch x / peak has derivative 1/peak = inf and torch.where's "
-    "backward multiplies it by 0 (the reference's gradient is finite, 1e8-scale)"))
-
-
 @pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("scale", [pytest.param(1e-37, id="1e-37"),
-                                   pytest.param(1e-40, id="subnormal-1e-40", marks=_SUBNORMAL_XFAIL)])
+                                   pytest.param(1e-40, id="subnormal-1e-40")])
 @pytest.mark.parametrize("loss", ["nt_xent", "supcon", "info_nce_queue", "clip"])
 def test_tiny_and_subnormal_rows(loss, backend, scale):
     """Rows of 1e-37 and of fp32 subnormals (1e-40): below eps, so divided by eps: nearly zero

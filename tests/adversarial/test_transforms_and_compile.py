@@ -23,20 +23,6 @@ from adv_common import (FUSED, LOSSES, NAN, assert_matches_reference, assert_rel
                         needs_ext, trainable)
 
 
-# 579a45f: nt_xent calls z1.data_ptr() (self_family._warn_if_same_views) before anything else,
-# which torch.func's wrapped tensors do not have.
-_DATA_PTR_XFAIL = pytest.mark.xfail(strict=True, raises=RuntimeError, reason=(
-    "self_family._warn_if_same_views (579a45f) calls z1.data_ptr() on torch.func's wrapped tensors: "
-    "nt_xent under grad/vmap/jvp/jacrev/hessian raises RuntimeError(\"Cannot access data pointer of Tensor "
-    "that doesn't have storage\") on every backend - the reference's supported transforms (docs/maths.md §6) "
-    "crash and the fused backends lose their NotImplementedError"))
-
-
-def _xfail_data_ptr(loss, transform):
-    return [_DATA_PTR_XFAIL] if loss == "nt_xent" and transform in ("func.grad", "vmap", "jvp", "jacrev", "hessian") \
-        else []
-
-
 def _fn(loss, backend, xs_rest=None):
     """A function of the first input only (the others fixed), as torch.func wants it."""
     xs = inputs(loss, torch.float64 if backend in ("cpu", "reference") else torch.float32)
@@ -63,7 +49,7 @@ def _refusal_cases():
                     continue
                 if b == "triton" and loss in ("multiview", "supcon", "info_nce") and tr not in ("double_backward", "vmap"):
                     continue  # interpreter time: the refusal is one shared check
-                cases.append(pytest.param(loss, b, tr, marks=list(backend.marks) + _xfail_data_ptr(loss, tr),
+                cases.append(pytest.param(loss, b, tr, marks=list(backend.marks),
                                           id=f"{loss}-{b}-{tr}"))
     return cases
 
@@ -98,7 +84,7 @@ def test_unsupported_transform_is_refused_by_name(loss, backend, transform):
 # ---------------------------------------------------------------------------------------
 # The reference under torch.func: right answers
 # ---------------------------------------------------------------------------------------
-@pytest.mark.parametrize("loss", [pytest.param(x, marks=_xfail_data_ptr(x, "vmap")) for x in LOSSES])
+@pytest.mark.parametrize("loss", LOSSES)
 def test_reference_func_grad_equals_autograd(loss):
     f, x = _fn(loss, "reference")
     xx = x.clone().requires_grad_(True)
@@ -106,7 +92,7 @@ def test_reference_func_grad_equals_autograd(loss):
     assert_rel_close(grad(f)(x), expected, 1e-12, "torch.func.grad")
 
 
-@pytest.mark.parametrize("loss", [pytest.param(x, marks=_xfail_data_ptr(x, "vmap")) for x in LOSSES])
+@pytest.mark.parametrize("loss", LOSSES)
 def test_reference_vmap_equals_a_loop(loss):
     f, x = _fn(loss, "reference")
     batch = torch.stack([x, 2 * x + 1, -x])
@@ -114,8 +100,7 @@ def test_reference_vmap_equals_a_loop(loss):
     assert_rel_close(vmap(f)(batch), expected, 1e-12, "vmap")
 
 
-@pytest.mark.parametrize("loss", [pytest.param(x, marks=_xfail_data_ptr(x, "jacrev"))
-                                  for x in ["nt_xent", "supcon", "info_nce_queue", "clip"]])
+@pytest.mark.parametrize("loss", ["nt_xent", "supcon", "info_nce_queue", "clip"])
 def test_reference_jacrev_equals_autograd_jacobian(loss):
     f, x = _fn(loss, "reference")
     expected = torch.autograd.functional.jacobian(f, x)
@@ -350,15 +335,7 @@ def _threaded(work, n=4, repeats=3):
     return results
 
 
-# Not strict: a race, seen failing in 0 to 100 % of runs (nt_xent most often).
-_INTERPRETER_RACE = pytest.mark.xfail(strict=False, reason=(
-    "TRITON_INTERPRET=1 is not thread-safe: each launch patches the module-global triton.language "
-    "(triton/runtime/interpreter.py _patch_lang) and restores it afterwards, so a launch in another thread "
-    "can run unpatched: InterpreterError('Did you forget to add @triton.jit ?'); fastntxent/_triton launches "
-    "without a lock while interpreting"))
-
-
-@pytest.mark.parametrize("backend", [FUSED[0], pytest.param("triton", marks=list(FUSED[1].marks) + [_INTERPRETER_RACE],
+@pytest.mark.parametrize("backend", [FUSED[0], pytest.param("triton", marks=list(FUSED[1].marks),
                                                             id="triton")])
 @pytest.mark.parametrize("loss", LOSSES)
 def test_four_threads_give_the_single_thread_result(loss, backend):
