@@ -65,7 +65,7 @@ class NTXentLoss(_TemperatureModule):
                  gather: bool = False):
         super().__init__(temperature, learnable_temperature, normalize, reduction, backend, gather)
 
-    def forward(self, z1: torch.Tensor, z2: torch.Tensor, return_stats: bool = False):
+    def forward(self, z1: torch.Tensor, z2: torch.Tensor, *, return_stats: bool = False):
         return nt_xent(z1, z2, self.temperature, **self._options(return_stats))
 
 
@@ -83,7 +83,7 @@ class SupConLoss(_TemperatureModule):
                  gather: bool = False):
         super().__init__(temperature, learnable_temperature, normalize, reduction, backend, gather)
 
-    def forward(self, z: torch.Tensor, labels: torch.Tensor, return_stats: bool = False):
+    def forward(self, z: torch.Tensor, labels: torch.Tensor, *, return_stats: bool = False):
         return supcon(z, labels, self.temperature, **self._options(return_stats))
 
 
@@ -104,7 +104,7 @@ class InfoNCELoss(_TemperatureModule):
                  gather: bool = False):
         super().__init__(temperature, learnable_temperature, normalize, reduction, backend, gather)
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor | None = None,
+    def forward(self, q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor | None = None, *,
                 return_stats: bool = False):
         return info_nce(q, k, queue, self.temperature, **self._options(return_stats))
 
@@ -115,7 +115,8 @@ class ClipLoss(nn.Module):
     Args: logit_scale (initial value, > 0; CLIP uses 1/0.07), learnable (log-parameterised
     parameter `log_logit_scale`), max_logit_scale (clamp of the scale, CLIP uses 100; None:
     no clamp), normalize, backend, gather (torch.distributed: all ranks' rows, global loss).
-    Shape: a, b: (M, D) → scalar.
+    Shape: a, b: (M, D) → scalar. forward(a, b, logit_scale=None, *, return_stats=False): a
+    logit_scale passed (open_clip's call) is used instead of the module's own.
     Example:
         >>> loss = ClipLoss()(image_features, text_features)
     """
@@ -146,8 +147,11 @@ class ClipLoss(nn.Module):
         s = self.log_logit_scale.exp()
         return s.clamp(max=self.max_logit_scale) if self.max_logit_scale is not None else s
 
-    def forward(self, a: torch.Tensor, b: torch.Tensor, return_stats: bool = False):
-        return clip_loss(a, b, self.logit_scale, normalize=self.normalize, backend=self.backend,
+    def forward(self, a: torch.Tensor, b: torch.Tensor, logit_scale=None, *, return_stats: bool = False):
+        """logit_scale: None uses the module's own; a float or 0-dim tensor (e.g. open_clip's
+        `model.logit_scale.exp()`, learnable outside the module) is used as it is, unclamped."""
+        scale = self.logit_scale if logit_scale is None else logit_scale
+        return clip_loss(a, b, scale, normalize=self.normalize, backend=self.backend,
                          gather=self.gather, return_stats=return_stats)
 
     def extra_repr(self) -> str:
