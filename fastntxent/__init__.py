@@ -8,6 +8,7 @@ from .self_family import multiview_nt_xent, nt_xent, supcon
 from .cross_family import clip_loss, info_nce
 from .losses import ClipLoss, InfoNCELoss, MemoryQueue, NTXentLoss, SupConLoss
 from .health import CollapseError, CollapseWarning, HealthMonitor, effective_rank, uniformity
+from .chunked import chunked_backward, chunked_forward
 
 __version__ = "0.1.0"
 
@@ -27,6 +28,8 @@ __all__ = [
     "CollapseError",
     "effective_rank",
     "uniformity",
+    "chunked_backward",
+    "chunked_forward",
     "reference",
     "__version__",
 ]

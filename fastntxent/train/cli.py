@@ -24,6 +24,9 @@ _HELP = {
     "knn_every": "kNN evaluation every this many epochs (0: only after the last)",
     "ckpt_every": "checkpoint every this many epochs (0: only at the end and on a stop)",
     "batch_size": "batch size per process (default 256)",
+    "grad_cache_chunk": "gradient caching: run the encoder on this many images at a time (>= 1; "
+                        "same gradients, activation memory of one chunk, one extra forward; "
+                        "BatchNorm statistics per chunk; unset: the whole batch in one call)",
     "lr": "learning rate per 256 samples of global batch, scaled linearly",
     "temperature": "loss temperature (default 0.2)",
     "queue_size": "MoCo queue length (default 512 on digits, 32768 otherwise)",

@@ -39,6 +39,7 @@ _RANGES = (
     ("ckpt_every", 0, True, None), ("temperature", 0.0, False, None),
     # seeds feed torch.Generator.manual_seed(seed * 1_000_003 + epoch) and numpy: keep them in 32 bits
     ("seed", 0, True, 2**32 - 1),
+    ("grad_cache_chunk", 1, True, None),
 )
 
 
@@ -82,6 +83,7 @@ class TrainConfig:
     epochs: Optional[int] = None            # None: 60 on digits, 1000 otherwise
     stop_after_epochs: Optional[int] = None  # checkpoint and exit after this many (time-sliced jobs)
     batch_size: Optional[int] = None        # per process; None: 256
+    grad_cache_chunk: Optional[int] = None  # None: off; else the encoder runs on this many images at a time
     optimizer: str = "auto"                 # simclr -> lars, moco -> sgd
     lr: Optional[float] = None              # per 256 samples of global batch (scaled linearly)
     weight_decay: Optional[float] = None

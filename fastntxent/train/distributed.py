@@ -1,5 +1,6 @@
 """What the trainer adds to fastntxent.distributed (is_initialized, world_size, rank, the
-gathers): process-group setup under torchrun, cleanup, barrier, and a cross-rank flag."""
+gathers): process-group setup under torchrun, cleanup, barrier, a cross-rank flag and the
+gradient average of --grad-cache-chunk steps."""
 from __future__ import annotations
 
 import os
@@ -44,3 +45,22 @@ def any_flag(flag: bool, device: torch.device) -> bool:
     t = torch.tensor([1.0 if flag else 0.0], device=device)
     dist.all_reduce(t)
     return bool(t.item() > 0)
+
+
+@torch.no_grad()
+def average_gradients(params) -> None:
+    """Every parameter's .grad replaced by its mean over the ranks (what DDP's backward does),
+    one all-reduce per (device, dtype) of all gradients flattened together."""
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+    world = dist.get_world_size()
+    groups: dict = {}
+    for p in params:
+        if p.grad is not None:
+            groups.setdefault((p.grad.device, p.grad.dtype), []).append(p.grad)
+    for _, grads in sorted(groups.items(), key=lambda kv: str(kv[0])):
+        flat = _flatten_dense_tensors(grads)
+        dist.all_reduce(flat)
+        flat.div_(world)
+        for g, avg in zip(grads, _unflatten_dense_tensors(flat, grads)):
+            g.copy_(avg)

@@ -39,6 +39,15 @@ class PretrainMethod(Protocol):
         """``nn.Module.__call__``: runs ``forward``."""
         ...
 
+    def grad_cache_backward(self, x1: torch.Tensor, x2: torch.Tensor,
+                            chunk_size: int) -> tuple[torch.Tensor, Stats]:
+        """``--grad-cache-chunk``: what ``forward`` computes, plus the backward, with the
+        encoder run on ``chunk_size`` images at a time (fastntxent.chunked.chunked_backward).
+        Leaves the gradients in ``.grad`` (local ones: the trainer averages them over ranks)
+        and returns ``(loss, stats)`` detached; same side effects as ``forward``. Called
+        inside the trainer's autocast, after ``zero_grad``."""
+        ...
+
     def after_step(self, step: int, total_steps: int) -> None:
         """Called after every optimiser step, with the 0-based global step just taken and the
         run's total; e.g. MoCo's momentum update of the key encoder. No gradient."""

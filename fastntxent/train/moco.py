@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fastntxent as fx
+from fastntxent.chunked import chunked_backward, chunked_forward
 
 from .method import Stats
 from .models import projection_head
@@ -42,21 +43,43 @@ class MoCo(nn.Module):
         """(B, proj_output_dim) float32 unit keys from the momentum encoder."""
         return F.normalize(self.momentum_projector(self.momentum_backbone(x)).float(), dim=1)
 
+    def _loss(self, queries: tuple, keys: tuple, queue: torch.Tensor) -> tuple[torch.Tensor, Stats]:
+        """queries (q1,) against keys (k2,), or symmetric (q1, q2) against (k1, k2)."""
+        if not self.symmetric:
+            return self.loss_fn(queries[0], keys[0], queue=queue, return_stats=True)
+        (q1, q2), (k1, k2) = queries, keys
+        l1, s1 = self.loss_fn(q1, k2, queue=queue, return_stats=True)
+        l2, s2 = self.loss_fn(q2, k1, queue=queue, return_stats=True)
+        return (l1 + l2) / 2, {k: (s1[k] + s2[k]) / 2 for k in s1}
+
     def forward(self, x1: torch.Tensor, x2: torch.Tensor) -> tuple[torch.Tensor, Stats]:
         queue = self.queue.keys.clone()  # negatives: the queue as it was before this batch
         if self.symmetric:
-            q1, q2 = self.projector(self.backbone(torch.cat([x1, x2]))).chunk(2)
-            k1, k2 = self._keys(torch.cat([x1, x2])).chunk(2)
-            l1, s1 = self.loss_fn(q1, k2, queue=queue, return_stats=True)
-            l2, s2 = self.loss_fn(q2, k1, queue=queue, return_stats=True)
-            loss = (l1 + l2) / 2
-            stats = {k: (s1[k] + s2[k]) / 2 for k in s1}
-            new_keys = torch.cat([k1, k2])
+            queries = self.projector(self.backbone(torch.cat([x1, x2]))).chunk(2)
+            keys = self._keys(torch.cat([x1, x2])).chunk(2)
         else:
-            q1 = self.projector(self.backbone(x1))
-            new_keys = self._keys(x2)
-            loss, stats = self.loss_fn(q1, new_keys, queue=queue, return_stats=True)
-        self.queue.enqueue(new_keys)
+            queries, keys = (self.projector(self.backbone(x1)),), (self._keys(x2),)
+        loss, stats = self._loss(queries, keys, queue)
+        self.queue.enqueue(torch.cat(keys))
+        return loss, stats
+
+    def grad_cache_backward(self, x1: torch.Tensor, x2: torch.Tensor,
+                            chunk_size: int) -> tuple[torch.Tensor, Stats]:
+        """forward + backward, both encoders run on chunk_size images at a time: the key
+        encoder's forward in chunks (no grad anyway), the query encoder's with gradient
+        caching (fastntxent.chunked); symmetric: both views of a chunk's images in one call."""
+        queue = self.queue.keys.clone()
+        query_encoder = lambda x: self.projector(self.backbone(x))  # noqa: E731
+        key_encoder = self._keys
+        if self.symmetric:
+            keys = tuple(chunked_forward(key_encoder, [x1, x2], chunk_size, concat_views=True))
+            loss, stats = chunked_backward(query_encoder, [x1, x2], lambda q1, q2: self._loss((q1, q2), keys, queue),
+                                           chunk_size, concat_views=True)
+        else:
+            keys = (chunked_forward(key_encoder, x2, chunk_size),)
+            loss, stats = chunked_backward(query_encoder, x1, lambda q1: self._loss((q1,), keys, queue),
+                                           chunk_size)
+        self.queue.enqueue(torch.cat(keys))
         return loss, stats
 
     @torch.no_grad()

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 import fastntxent as fx
+from fastntxent.chunked import chunked_backward
 from fastntxent.distributed import world_size
 
 from .method import Stats
@@ -26,6 +27,14 @@ class SimCLR(nn.Module):
     def forward(self, x1: torch.Tensor, x2: torch.Tensor) -> tuple[torch.Tensor, Stats]:
         z1, z2 = self.projector(self.backbone(torch.cat([x1, x2]))).chunk(2)
         return self.loss_fn(z1, z2, return_stats=True)
+
+    def grad_cache_backward(self, x1: torch.Tensor, x2: torch.Tensor,
+                            chunk_size: int) -> tuple[torch.Tensor, Stats]:
+        """forward + backward with the encoder run on chunk_size images at a time (both views
+        of a chunk's images in one call, as forward does for the batch): fastntxent.chunked."""
+        encoder = lambda x: self.projector(self.backbone(x))  # noqa: E731
+        return chunked_backward(encoder, [x1, x2], lambda z1, z2: self.loss_fn(z1, z2, return_stats=True),
+                                chunk_size, concat_views=True)
 
     def after_step(self, step: int, total_steps: int) -> None:
         pass

@@ -206,7 +206,7 @@ class Trainer:
             self.say(f"resuming from {resume_path} at epoch {self.start_epoch + 1}, step {self.step_in_epoch}")
 
     def _wrap_ddp(self):
-        if self.world == 1:
+        if self.world == 1 or self.cfg.grad_cache_chunk is not None:  # (that step averages itself)
             return self.method
         return nn.parallel.DistributedDataParallel(
             self.method, device_ids=[self.device.index] if self.device.type == "cuda" else None,
@@ -251,15 +251,29 @@ class Trainer:
 
     def _step(self, x1: torch.Tensor, x2: torch.Tensor) -> tuple[float, float]:
         """One optimiser step; returns the loss and the contrastive top-1 accuracy."""
-        with self.autocast():
-            loss, stats = self.model(x1, x2)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        if self.cfg.grad_cache_chunk is None:
+            with self.autocast():
+                loss, stats = self.model(x1, x2)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+        else:
+            loss, stats = self._grad_cache_backward(x1, x2)
         self.optimizer.step()
         self.scheduler.step()
         self.method.after_step(self.global_step, self.total_steps)
         self.global_step += 1
         return float(loss.detach()), float(stats.get("top1_accuracy", float("nan")))
+
+    def _grad_cache_backward(self, x1: torch.Tensor, x2: torch.Tensor) -> tuple[torch.Tensor, Stats]:
+        """--grad-cache-chunk: the method's forward and backward with the encoder run on that
+        many images at a time (fastntxent.chunked); under torchrun the local gradients are
+        then averaged over the ranks in one all-reduce, as DDP would (no DDP wrapper here)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        with self.autocast():
+            loss, stats = self.method.grad_cache_backward(x1, x2, self.cfg.grad_cache_chunk)
+        if self.world > 1:
+            D.average_gradients(self.method.parameters())
+        return loss, stats
 
     def _evaluate_epoch(self, epoch: int) -> None:
         """The epoch's log.csv row (kNN on rank 0 when due), then fresh running sums."""
