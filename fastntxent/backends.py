@@ -99,6 +99,12 @@ def _triton_unavailable(family: str, device: torch.device) -> Optional[str]:
     why = _triton_import_error()
     if why is not None:
         return f'backend="triton" cannot run: {why}'
+    return triton_device_refusal(device)
+
+
+def triton_device_refusal(device: torch.device) -> Optional[str]:
+    """Why the Triton kernels cannot run on `device` (triton importable), or None: CPU tensors
+    need the interpreter, GPUs compute capability 7.5."""
     if device.type == "cpu" and not interpreting():
         return ('backend="triton" on CPU tensors runs only under the Triton interpreter: '
                 "set TRITON_INTERPRET=1 before importing triton, or use CUDA tensors")

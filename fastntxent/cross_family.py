@@ -82,10 +82,6 @@ if _extension.has_cross_kernels():
 # ---------------------------------------------------------------------------------------
 # Losses
 # ---------------------------------------------------------------------------------------
-def _unit(x: torch.Tensor, normalized: bool) -> torch.Tensor:
-    return x if normalized else torch.nn.functional.normalize(x.float(), dim=1)
-
-
 def _rows(x: torch.Tensor, dtype: torch.dtype, normalize: bool) -> torch.Tensor:
     return normalize_rows(x, dtype) if normalize else x.to(dtype)
 
@@ -189,7 +185,7 @@ def info_nce(
             # Uniform logits: every query's loss is ln(columns), a random ranking's top-1 1/columns.
             **health_stats(loss, torch.full((), math.log(n_cols), dtype=acc, device=q.device),
                            torch.full((), 1.0 / n_cols, dtype=acc, device=q.device), positive_cosine,
-                           _unit(uq, normalize)),
+                           uq, normalize),
         }
     return loss, {key: poison(v, bad) for key, v in stats.items()}
 
@@ -250,6 +246,6 @@ def clip_loss(
             "logit_scale": scale.detach(),
             **health_stats(loss, torch.full((), math.log(global_rows), dtype=loss.dtype, device=a.device),
                            torch.full((), 1.0 / global_rows, dtype=loss.dtype, device=a.device),
-                           sums["pos"] / global_rows, torch.cat([_unit(ua, normalize), _unit(ub, normalize)], 1)),
+                           sums["pos"] / global_rows, (ua, ub), normalize),
         }
     return loss, {key: poison(v, bad) for key, v in stats.items()}

@@ -34,13 +34,21 @@ class CollapseError(RuntimeError):
 
 @torch.no_grad()
 def health_stats(loss: torch.Tensor, chance_loss: torch.Tensor, top1_chance: torch.Tensor,
-                 alignment: torch.Tensor, unit_rows: torch.Tensor) -> dict:
-    """The health statistics of one call (0-dim tensors). unit_rows: (M, D) normalised rows."""
-    u = unit_rows.float()
-    std = u.std(dim=0, unbiased=False).mean() if u.shape[0] > 1 else torch.zeros((), device=u.device)
+                 alignment: torch.Tensor, rows, normalized: bool) -> dict:
+    """The health statistics of one call (0-dim tensors). rows: the (M, D) embeddings as the
+    kernels saw them, or a sequence of them (CLIP's towers: their embedding_std is averaged);
+    already unit rows when `normalized`, else normalised here."""
+    towers = [rows] if isinstance(rows, torch.Tensor) else list(rows)
+    std = torch.stack([_embedding_std(t, normalized) for t in towers]).mean()
     ratio = loss.detach() / chance_loss.clamp_min(torch.finfo(chance_loss.dtype).tiny)
     return {"chance_loss": chance_loss, "loss_to_chance": ratio, "top1_chance": top1_chance,
             "alignment": alignment, "embedding_std": std.to(chance_loss.dtype)}
+
+
+def _embedding_std(rows: torch.Tensor, normalized: bool) -> torch.Tensor:
+    """Per-dimension std of the unit rows over the batch, mean over dimensions (0 for one row)."""
+    u = rows.float() if normalized else torch.nn.functional.normalize(rows.float(), dim=1)
+    return u.std(dim=0, unbiased=False).mean() if u.shape[0] > 1 else torch.zeros((), device=u.device)
 
 
 @torch.no_grad()

@@ -94,13 +94,12 @@ def _stats(u, tau, pos_sum, pos_count, top1, has_pos, loss, normalized: bool) ->
         # anchor's loss is ln(M−1); a random ranking's top-1 is |P(i)|/(M−1).
         chance = torch.full((), math.log(others), dtype=acc, device=u.device)
         top1_chance = ((pos_count / others) * has_pos).sum() / anchors
-        unit = u if normalized else torch.nn.functional.normalize(u, dim=1)
         return {
             "top1_accuracy": (top1 * has_pos).sum() / anchors,
             "positive_cosine": positive_cosine,
             "negative_cosine": (row_cos.sum() - pos_cos.sum()) / neg_pairs,
             "anchors": has_pos.sum(),
-            **health_stats(loss, chance, top1_chance, positive_cosine, unit),
+            **health_stats(loss, chance, top1_chance, positive_cosine, u, normalized),
         }
 
 

@@ -18,7 +18,7 @@ from typing import NamedTuple, Optional
 import torch
 import triton
 
-from .tiles import TENSOR_CORE_BF16, flags_for
+from .tiles import flags_for
 
 __all__ = ["set_fp32_precision", "get_fp32_precision"]
 
@@ -54,10 +54,6 @@ def get_fp32_precision() -> str:
     return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
 
 
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
 @functools.lru_cache(maxsize=None)
 def _capability(index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)
@@ -91,22 +87,15 @@ def kernel_flags(dtype: torch.dtype, D: int, capability: Optional[tuple[int, int
 
 
 def check_device(device: torch.device) -> None:
-    """The Triton kernels' own invariant on the device: CUDA at sm_75+, or the interpreter."""
-    if device.type == "cpu":
-        if not interpreting():
-            raise ValueError(
-                "fastntxent triton kernels on CPU tensors run only under the Triton interpreter "
-                "(TRITON_INTERPRET=1 set before importing triton); use CUDA tensors"
-            )
-        return
-    if device.type != "cuda":
+    """The Triton kernels' own invariant on the device: CUDA at sm_75+, or the interpreter —
+    the registry's rule (backends.triton_device_refusal), for direct calls of the operators."""
+    from ..backends import triton_device_refusal
+
+    if device.type not in ("cpu", "cuda"):
         raise ValueError(f"fastntxent triton: inputs must be CUDA tensors, got {device}")
-    cap = device_capability(device)
-    if cap < MIN_CAPABILITY:
-        raise ValueError(
-            f"fastntxent triton kernels need a GPU of compute capability >= 7.5, {device} has "
-            f"{cap[0]}.{cap[1]}; use backend=\"reference\""
-        )
+    why = triton_device_refusal(device)
+    if why is not None:
+        raise ValueError(why)
 
 
 # The Triton interpreter patches module-global state of triton.language during a launch: two
@@ -175,6 +164,31 @@ def merge_splits(m, l, ps, best, best_pos, lse, expected_logit, top1) -> None:
     torch.where(has, ps_tot / l_safe, torch.zeros_like(l_tot), out=expected_logit)
     first = best.argmax(0, keepdim=True)
     top1.copy_(best_pos.gather(0, first).squeeze(0))
+
+
+def backward_rows(M: int, device: torch.device, lse, grad_lse, grad_pos):
+    """The backward operators' row inputs, each checked to be (M,), as contiguous fp32."""
+    rows = []
+    for name, t in (("lse", lse), ("grad_lse", grad_lse), ("grad_pos", grad_pos)):
+        if t.dim() != 1 or t.shape[0] != M:
+            raise ValueError(f"fastntxent triton: {name} must have shape (M,) = ({M},)")
+        rows.append(t.detach().to(dtype=torch.float32, device=device).contiguous())
+    return rows
+
+
+def grad_buffer(rows: int, D: int, splits: int, dtype: torch.dtype, device: torch.device):
+    """(buffer, split stride) a backward kernel writes its gradient into: fp32 partials
+    (splits, rows, D) with several splits (summed by `finish_grad`) and under the interpreter
+    (its bf16/fp16 stores are not trusted); otherwise (rows, D) in `dtype`, written directly."""
+    if splits > 1 or device.type == "cpu":
+        g = poisoned((splits, rows, D), device)
+        return g, g.stride(0)
+    return poisoned((rows, D), device, dtype), 0
+
+
+def finish_grad(g: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The gradient from a `grad_buffer`: fp32 partials summed in a fixed order (deterministic)."""
+    return g.sum(0).to(dtype) if g.dim() == 3 else g
 
 
 def check_grid(grid: tuple) -> None:

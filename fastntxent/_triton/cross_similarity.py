@@ -124,27 +124,12 @@ def _cross_backward_triton(
     M, D = q.shape
     N = k.shape[0]
     NQ = queue.shape[0] if queue is not None else 0
-    for name, t in (("lse", lse), ("grad_lse", grad_lse), ("grad_pos", grad_pos)):
-        if t.dim() != 1 or t.shape[0] != M:
-            raise ValueError(f"fastntxent triton: {name} must have shape (M,) = ({M},)")
+    lse, a, b = common.backward_rows(M, q.device, lse, grad_lse, grad_pos)
     if M == 0:
         return (torch.zeros((M, D), dtype=q.dtype, device=q.device),
                 torch.zeros((N, D), dtype=k.dtype, device=k.device))
-    f32 = dict(dtype=torch.float32, device=q.device)
-    lse = lse.detach().to(**f32).contiguous()
-    a = grad_lse.detach().to(**f32).contiguous()
-    b = grad_pos.detach().to(**f32).contiguous()
     flags = common.kernel_flags(q.dtype, D, common.device_capability(q.device))
     on_cpu = q.device.type == "cpu"  # the interpreter: fp32 buffers (its bf16/fp16 stores are not trusted)
-
-    def buffer(rows, splits, dtype):
-        if splits > 1 or on_cpu:
-            g = common.poisoned((splits, rows, D), q.device)
-            return g, g.stride(0)
-        return common.poisoned((rows, D), q.device, dtype), 0
-
-    def finish(g, dtype):
-        return g.sum(0).to(dtype) if g.dim() == 3 else g  # fixed-order sum: deterministic
 
     kernel_flags = dict(BLOCK_D=flags.block_d, BLOCK_DO=flags.block_do, D_CHUNKS=flags.d_chunks,
                         CAST_F32=flags.cast_f32, PREC=flags.prec, H_BF16=flags.h_bf16)
@@ -152,7 +137,7 @@ def _cross_backward_triton(
     # ∂q (and ∂k of the positives without in-batch keys).
     n_cols = (N if keys_are_negatives else 0) + NQ
     splits = common.num_splits(M, n_cols, q.device, _MAX_SPLITS, SPLITS) if n_cols > 0 else 1
-    gq, stride_s = buffer(M, splits, q.dtype)
+    gq, stride_s = common.grad_buffer(M, D, splits, q.dtype, q.device)
     write_gk = need_grad_k and not keys_are_negatives
     # Key rows that are nobody's positive have a zero gradient: zeros, not poison.
     gk = torch.zeros((N, D), dtype=torch.float32 if on_cpu else k.dtype, device=q.device) if write_gk else None
@@ -165,7 +150,7 @@ def _cross_backward_triton(
             gq, stride_s, D, gk if gk is not None else gq, D,
             IN_BATCH=bool(keys_are_negatives), HAS_QUEUE=queue is not None, WRITE_GK=write_gk, **kernel_flags,
         )
-    grad_q = finish(gq, q.dtype)
+    grad_q = common.finish_grad(gq, q.dtype)
     if not need_grad_k:
         return grad_q, torch.zeros((N, D), dtype=k.dtype, device=k.device)
     if not keys_are_negatives:
@@ -173,7 +158,7 @@ def _cross_backward_triton(
 
     # ∂k: key row blocks over the query tiles, with the row lse of q.
     splits = common.num_splits(N, M, q.device, _MAX_SPLITS, SPLITS)
-    gk, stride_s = buffer(N, splits, k.dtype)
+    gk, stride_s = common.grad_buffer(N, D, splits, k.dtype, q.device)
     common.check_grid((triton.cdiv(N, 32), splits, d_grid))
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), splits, d_grid)  # noqa: E731
     with common.device_guard(q.device):
@@ -182,7 +167,7 @@ def _cross_backward_triton(
             sc, lse, a, b, N, M, D, pos_offset, common.m_key(N), common.m_key(M),
             gk, stride_s, D, **kernel_flags,
         )
-    return grad_q, finish(gk, k.dtype)
+    return grad_q, common.finish_grad(gk, k.dtype)
 
 
 cross_forward = torch.ops.fastntxent.cross_forward_triton

@@ -102,25 +102,12 @@ def _self_backward_triton(
     _check(u, temperature, labels, rows_per_view)
     u, tau, lab = _prepare(u, temperature, labels)
     M, D = u.shape
-    for name, t in (("lse", lse), ("grad_lse", grad_lse), ("grad_pos", grad_pos)):
-        if t.dim() != 1 or t.shape[0] != M:
-            raise ValueError(f"fastntxent triton: {name} must have shape (M,) = ({M},)")
+    lse, a, b = common.backward_rows(M, u.device, lse, grad_lse, grad_pos)
     if M == 0:
         return torch.zeros((M, D), dtype=u.dtype, device=u.device)
-    f32 = dict(dtype=torch.float32, device=u.device)
-    lse = lse.detach().to(**f32).contiguous()
-    a = grad_lse.detach().to(**f32).contiguous()
-    b = grad_pos.detach().to(**f32).contiguous()
     flags = common.kernel_flags(u.dtype, D, common.device_capability(u.device))
     splits = _splits(u)
-    # fp32 buffer with several splits (summed below) and under the interpreter (its bf16/fp16
-    # stores are not trusted); otherwise the kernel writes u's dtype directly.
-    if splits > 1 or u.device.type == "cpu":
-        out = common.poisoned((splits, M, D), u.device)
-        stride_s = out.stride(0)
-    else:
-        out = common.poisoned((M, D), u.device, u.dtype)
-        stride_s = 0
+    out, stride_s = common.grad_buffer(M, D, splits, u.dtype, u.device)
     common.check_grid((triton.cdiv(M, 32), splits, triton.cdiv(D, flags.block_do)))
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), splits, triton.cdiv(D, flags.block_do))  # noqa: E731
     with common.device_guard(u.device):
@@ -130,9 +117,7 @@ def _self_backward_triton(
             BLOCK_D=flags.block_d, BLOCK_DO=flags.block_do, D_CHUNKS=flags.d_chunks, HAS_LABELS=lab is not None,
             CAST_F32=flags.cast_f32, PREC=flags.prec, H_BF16=flags.h_bf16,
         )
-    if out.dim() == 2:
-        return out
-    return out.sum(0).to(u.dtype)  # fixed-order sum over the splits: deterministic
+    return common.finish_grad(out, u.dtype)
 
 
 self_forward = torch.ops.fastntxent.self_forward_triton
