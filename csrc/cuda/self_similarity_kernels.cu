@@ -64,10 +64,13 @@ struct Traits<float> {  // fp32: FFMA, exact fp32 arithmetic
   using Mix = float;
   static constexpr bool kTensorCores = false;
   static constexpr int kChunk = 32;
-  static constexpr int kPad = 1;
+  static constexpr int kPad = 4;     // rows of 36 floats: 16-byte aligned for float4 loads
   static constexpr int kV = 64;
-  static constexpr int kMixPad = 1;
+  static constexpr int kMixPad = 4;  // U rows of 68 floats: 16-byte aligned
 };
+static_assert(Traits<float>::kChunk % 4 == 0 && (Traits<float>::kChunk + Traits<float>::kPad) % 4 == 0 &&
+                  (Traits<float>::kV + Traits<float>::kMixPad) % 4 == 0 && kSLd % 4 == 0 && kHalf % 4 == 0,
+              "fp32 products read shared memory as float4");
 
 // Shared-memory layout (bytes), one static buffer per element type:
 //   S      fp32 scores [kRows][kSLd]                       (fp32: H is written in place)
@@ -173,17 +176,23 @@ __device__ void tile_scores(const T* __restrict__ u, int64_t M, int64_t D, int64
     for (int n = 0; n < kCols / 16; ++n)
       wmma::store_matrix_sync(sm.S + warp * 16 * kSLd + n * 16, acc[n], kSLd, wmma::mem_row_major);
   } else {
+    static_assert(std::is_same_v<T, float>, "the FFMA product is the fp32 path");
+    // Four dims per shared-memory load (float4): one LDS.128 of A and one of B per 4 FFMAs, the
+    // sums still taken in d order (bit-identical to one dim at a time).
     const int r = tid >> 1, h = tid & 1;
     float acc[kHalf];
 #pragma unroll
     for (int cc = 0; cc < kHalf; ++cc) acc[cc] = 0.f;
     for (int64_t d0 = 0; d0 < D; d0 += Tr::kChunk) {
       stage_chunk<T>(u, M, D, ld, r0, c0, d0, A, B);
-#pragma unroll 4
-      for (int d = 0; d < Tr::kChunk; ++d) {
-        const float a = to_float(A[r * kLd + d]);
+#pragma unroll 2
+      for (int d = 0; d < Tr::kChunk; d += 4) {
+        const float4 a = *reinterpret_cast<const float4*>(A + r * kLd + d);
 #pragma unroll
-        for (int cc = 0; cc < kHalf; ++cc) acc[cc] = fmaf(a, to_float(B[(h * kHalf + cc) * kLd + d]), acc[cc]);
+        for (int cc = 0; cc < kHalf; ++cc) {
+          const float4 b = *reinterpret_cast<const float4*>(B + (h * kHalf + cc) * kLd + d);
+          acc[cc] = fmaf(a.w, b.w, fmaf(a.z, b.z, fmaf(a.y, b.y, fmaf(a.x, b.x, acc[cc]))));
+        }
       }
       __syncthreads();
     }
@@ -361,11 +370,23 @@ __global__ void __launch_bounds__(kThreads)
           }
         }
       } else {
-#pragma unroll 4
-        for (int c = 0; c < kCols; ++c) {
-          const float hv = to_float(H[r * L::kHLd + c]);
+        // float4 loads of H (4 columns) and U (4 output dims): one LDS.128 per 4 FFMAs, the
+        // sums still taken in c order.
+        for (int c = 0; c < kCols; c += 4) {
+          const float4 h4 = *reinterpret_cast<const float4*>(H + r * L::kHLd + c);
+          const float hv[4] = {h4.x, h4.y, h4.z, h4.w};
 #pragma unroll
-          for (int vv = 0; vv < kHalf; ++vv) racc[vv] = fmaf(hv, to_float(U[c * L::kULd + h * kHalf + vv]), racc[vv]);
+          for (int q = 0; q < 4; ++q) {
+            const Mix* urow = U + (c + q) * L::kULd + h * kHalf;
+#pragma unroll
+            for (int vv = 0; vv < kHalf; vv += 4) {
+              const float4 u4 = *reinterpret_cast<const float4*>(urow + vv);
+              racc[vv] = fmaf(hv[q], u4.x, racc[vv]);
+              racc[vv + 1] = fmaf(hv[q], u4.y, racc[vv + 1]);
+              racc[vv + 2] = fmaf(hv[q], u4.z, racc[vv + 2]);
+              racc[vv + 3] = fmaf(hv[q], u4.w, racc[vv + 3]);
+            }
+          }
         }
       }
       __syncthreads();  // the next tile overwrites S, H, U and the column data

@@ -113,6 +113,14 @@
 struct uint3 {
   unsigned x, y, z;
 };
+// Vector types of CUDA's vector_types.h that the kernels use: 16-byte aligned, as on the GPU, so
+// that a misaligned vector access is undefined behaviour here too (UBSan reports it).
+struct __attribute__((aligned(16))) float4 {
+  float x, y, z, w;
+};
+struct __attribute__((aligned(16))) uint4 {
+  unsigned x, y, z, w;
+};
 struct dim3 {
   unsigned x, y, z;
   constexpr dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
