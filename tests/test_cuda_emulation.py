@@ -241,10 +241,34 @@ def test_non_contiguous_rows(kernels, dtype):
                           kernels.backward(_rows_numpy(u), code, tau, None, M // 2, dense[0], g, g[::-1]))
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: DTYPE_NAMES[d])
+def test_vector_and_elementwise_staging_agree(kernels, dtype):
+    """The kernels stage rows 16 bytes at a time when the base is 16-byte aligned and the row
+    stride and D are multiples of 16 bytes' worth of elements (kernel variant kVecRows = true),
+    else one element at a time: the same rows through both variants give identical results."""
+    M, D = 70, 40
+    u = _rows_numpy(rows(M, D, dtype))
+    n = u.size
+    buf = np.full(n + 16, np.nan if u.dtype == np.float32 else 0xFFFF, dtype=u.dtype)
+    start = (-buf.ctypes.data % 16) // u.itemsize            # first 16-byte-aligned element
+    aligned = buf[start:start + n].reshape(M, D)
+    shifted = buf[start + 1:start + 1 + n].reshape(M, D)    # base misaligned: element-wise staging
+    assert aligned.ctypes.data % 16 == 0 and shifted.ctypes.data % 16 != 0
+    code, tau, g = _type_code(dtype), 0.2, np.linspace(-1, 1, M, dtype=np.float32)
+    aligned[:] = u
+    vec_fwd = kernels.forward(aligned, code, tau, None, M // 2)
+    vec_bwd = kernels.backward(aligned, code, tau, None, M // 2, vec_fwd[0], g, g[::-1])
+    shifted[:] = u
+    el_fwd = kernels.forward(shifted, code, tau, None, M // 2)
+    el_bwd = kernels.backward(shifted, code, tau, None, M // 2, el_fwd[0], g, g[::-1])
+    for a, b in zip(vec_fwd + (vec_bwd,), el_fwd + (el_bwd,)):
+        assert np.isfinite(a).all() and np.array_equal(a, b)
+
+
 def test_shared_array_of_every_kernel_is_found():
     """The emulator finds each kernel's __shared__ array in the symbol table (to poison it
-    before every block and bound-check WMMA tiles): one per kernel instantiation, within the
-    48 KiB of static shared memory."""
+    before every block and bound-check WMMA tiles): one per kernel instantiation (element type
+    × 16-byte or element-wise staging), within the 48 KiB of static shared memory."""
     import subprocess
     import sys
     import tempfile
@@ -252,16 +276,18 @@ def test_shared_array_of_every_kernel_is_found():
 
     lib = emu.build_kernels("plain")
     with tempfile.TemporaryDirectory() as tmp:
-        cases = [dict(u=_rows_numpy(rows(65, 17, dt)), type=_type_code(dt), tau=0.5, labels=None, period=1,
-                      grad_lse=np.ones(65, np.float32), grad_pos=np.ones(65, np.float32)) for dt in DTYPES]
+        cases = [dict(u=_rows_numpy(rows(65, D, dt)), type=_type_code(dt), tau=0.5, labels=None, period=1,
+                      grad_lse=np.ones(65, np.float32), grad_pos=np.ones(65, np.float32))
+                 for dt in DTYPES for D in (17, 16)]  # element-wise and 16-byte staging
         emu.write_cases(Path(tmp) / "cases.npz", cases)
         r = subprocess.run([sys.executable, emu.__file__, "run", str(lib), str(Path(tmp) / "cases.npz"),
                             str(Path(tmp) / "out.npz")], capture_output=True, text=True,
                            env={**emu.sanitizer_env("plain"), "FASTNTXENT_EMULATION_VERBOSE": "1"})
     assert r.returncode == 0, r.stderr
-    found = re.findall(r"kernel void .*?::(\w+_kernel<[\w:]+>)\(.*?: __shared__ .*?::smem, (\d+) bytes", r.stderr)
+    found = re.findall(r"kernel void .*?::(\w+_kernel<[\w:, ]+>)\(.*?: __shared__ .*?::smem, (\d+) bytes", r.stderr)
     assert sorted(name for name, _ in found) == sorted(
-        f"{k}_kernel<{t}>" for k in ("forward", "backward") for t in ("float", "__half", "__nv_bfloat16")), r.stderr
+        f"{k}_kernel<{t}, {v}>" for k in ("forward", "backward") for t in ("float", "__half", "__nv_bfloat16")
+        for v in ("false", "true")), r.stderr
     assert all(0 < int(size) <= 48 * 1024 for _, size in found), found
 
 
@@ -469,4 +495,4 @@ def test_asan_reports_the_read_past_the_end_of_shared_memory(tmp_path):
     assert r.returncode != 0, "AddressSanitizer did not report the read past the end"
     assert "ERROR: AddressSanitizer: global-buffer-overflow" in r.stderr, r.stderr[-4000:]
     assert "0 bytes to the right of global variable 'smem'" in r.stderr, r.stderr[-4000:]
-    assert "in backward_kernel<float>" in r.stderr, r.stderr[-4000:]
+    assert "in backward_kernel<float, false>" in r.stderr, r.stderr[-4000:]  # D = 17: element-wise staging

@@ -19,6 +19,7 @@
 #include <mma.h>
 
 #include <cmath>
+#include <cstdint>
 #include <type_traits>
 
 namespace fastntxent {
@@ -125,25 +126,50 @@ __device__ __forceinline__ int64_t label_of(const int64_t* labels, int64_t perio
   return labels != nullptr ? labels[j] : j % period;
 }
 
-// Stages dims [d0, d0 + kChunk) of rows r0.. into A and of rows c0.. into B, zero outside
-// the matrix. Ends with __syncthreads().
+// Elements of T in one 16-byte load.
 template <typename T>
+constexpr int kVec = 16 / static_cast<int>(sizeof(T));
+
+
+// Stages dims [d0, d0 + kChunk) of rows r0.. into A and of rows c0.. into B, zero outside
+// the matrix: 16-byte loads and stores with kVecRows (see rows_vectorizable), else one element
+// at a time. Ends with __syncthreads().
+template <typename T, bool kVecRows>
 __device__ __forceinline__ void stage_chunk(const T* __restrict__ u, int64_t M, int64_t D, int64_t ld,
                                             int64_t r0, int64_t c0, int64_t d0, T* A, T* B) {
   constexpr int kChunk = Traits<T>::kChunk;
   constexpr int kLd = Layout<T>::kStageLd;
-  const T zero = from_float<T>(0.f);
-  for (int e = threadIdx.x; e < kRows * kChunk; e += kThreads) {
-    const int r = e / kChunk, d = e % kChunk;
-    const int64_t gd = d0 + d, gi = r0 + r, gj = c0 + r;
-    A[r * kLd + d] = (gi < M && gd < D) ? u[gi * ld + gd] : zero;
-    B[r * kLd + d] = (gj < M && gd < D) ? u[gj * ld + gd] : zero;
+  constexpr int kV = kVec<T>;
+  static_assert(kChunk % kV == 0 && (kLd * sizeof(T)) % 16 == 0, "16-byte staging of whole vectors");
+  if constexpr (kVecRows) {
+    // A fixed count of vectors per thread (the block has kThreads threads): no remainder code.
+    constexpr int kIters = kRows * (kChunk / kV) / kThreads;
+    static_assert(kIters * kThreads == kRows * (kChunk / kV), "whole vectors per thread");
+    const uint4 zero4 = {0u, 0u, 0u, 0u};
+#pragma unroll
+    for (int k = 0; k < kIters; ++k) {
+      const int e = threadIdx.x + k * kThreads;
+      const int r = e / (kChunk / kV), d = (e % (kChunk / kV)) * kV;
+      const int64_t gd = d0 + d, gi = r0 + r, gj = c0 + r;
+      *reinterpret_cast<uint4*>(A + r * kLd + d) =
+          (gi < M && gd < D) ? *reinterpret_cast<const uint4*>(u + gi * ld + gd) : zero4;
+      *reinterpret_cast<uint4*>(B + r * kLd + d) =
+          (gj < M && gd < D) ? *reinterpret_cast<const uint4*>(u + gj * ld + gd) : zero4;
+    }
+  } else {
+    const T zero = from_float<T>(0.f);
+    for (int e = threadIdx.x; e < kRows * kChunk; e += kThreads) {
+      const int r = e / kChunk, d = e % kChunk;
+      const int64_t gd = d0 + d, gi = r0 + r, gj = c0 + r;
+      A[r * kLd + d] = (gi < M && gd < D) ? u[gi * ld + gd] : zero;
+      B[r * kLd + d] = (gj < M && gd < D) ? u[gj * ld + gd] : zero;
+    }
   }
   __syncthreads();
 }
 
 // S[r][c] = u_{r0+r} · u_{c0+c} (zero outside the matrix). Ends with __syncthreads().
-template <typename T>
+template <typename T, bool kVecRows>
 __device__ void tile_scores(const T* __restrict__ u, int64_t M, int64_t D, int64_t ld, int64_t r0,
                             int64_t c0, const Smem& sm) {
   using Tr = Traits<T>;
@@ -158,7 +184,7 @@ __device__ void tile_scores(const T* __restrict__ u, int64_t M, int64_t D, int64
 #pragma unroll
     for (int n = 0; n < kCols / 16; ++n) wmma::fill_fragment(acc[n], 0.f);
     for (int64_t d0 = 0; d0 < D; d0 += Tr::kChunk) {
-      stage_chunk<T>(u, M, D, ld, r0, c0, d0, A, B);
+      stage_chunk<T, kVecRows>(u, M, D, ld, r0, c0, d0, A, B);
 #pragma unroll
       for (int kk = 0; kk < Tr::kChunk; kk += 16) {
         wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
@@ -184,7 +210,7 @@ __device__ void tile_scores(const T* __restrict__ u, int64_t M, int64_t D, int64
 #pragma unroll
     for (int cc = 0; cc < kHalf; ++cc) acc[cc] = 0.f;
     for (int64_t d0 = 0; d0 < D; d0 += Tr::kChunk) {
-      stage_chunk<T>(u, M, D, ld, r0, c0, d0, A, B);
+      stage_chunk<T, kVecRows>(u, M, D, ld, r0, c0, d0, A, B);
 #pragma unroll 2
       for (int d = 0; d < Tr::kChunk; d += 4) {
         const float4 a = *reinterpret_cast<const float4*>(A + r * kLd + d);
@@ -202,7 +228,7 @@ __device__ void tile_scores(const T* __restrict__ u, int64_t M, int64_t D, int64
   __syncthreads();
 }
 
-template <typename T>
+template <typename T, bool kVecRows>
 __global__ void __launch_bounds__(kThreads)
     forward_kernel(const T* __restrict__ u, int64_t M, int64_t D, int64_t ld,
                    const float* __restrict__ temperature, const int64_t* __restrict__ labels,
@@ -225,7 +251,7 @@ __global__ void __launch_bounds__(kThreads)
       const int64_t j = c0 + tid;
       sm.col_label[tid] = j < M ? label_of(labels, period, j) : -1;
     }
-    tile_scores<T>(u, M, D, ld, r0, c0, sm);
+    tile_scores<T, kVecRows>(u, M, D, ld, r0, c0, sm);
 
     float s[kHalf];
     float tmax = neg_inf;
@@ -285,7 +311,7 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-template <typename T>
+template <typename T, bool kVecRows>
 __global__ void __launch_bounds__(kThreads)
     backward_kernel(const T* __restrict__ u, int64_t M, int64_t D, int64_t ld,
                     const float* __restrict__ temperature, const int64_t* __restrict__ labels,
@@ -328,7 +354,7 @@ __global__ void __launch_bounds__(kThreads)
         sm.col_b[tid] = ok ? grad_pos[j] : 0.f;
         sm.col_lse[tid] = ok ? lse[j] : 0.f;
       }
-      tile_scores<T>(u, M, D, ld, r0, c0, sm);
+      tile_scores<T, kVecRows>(u, M, D, ld, r0, c0, sm);
       // H_kj = a_k P_kj + a_j P_jk + (b_k + b_j)[j ∈ P(k)]; a term is skipped when its a is 0,
       // so that an lse of -inf (a row without columns) never meets exp.
 #pragma unroll
@@ -350,10 +376,28 @@ __global__ void __launch_bounds__(kThreads)
         H[r * L::kHLd + c] = from_float<Mix>(v);  // fp32: in place of S, same thread, same element
       }
       // Stage the tile's columns, dims [v0, v0 + kV), into the region the scores no longer use.
-      for (int e = tid; e < kCols * Tr::kV; e += kThreads) {
-        const int c = e / Tr::kV, vv = e % Tr::kV;
-        const int64_t gj = c0 + c, gd = v0 + vv;
-        U[c * L::kULd + vv] = (gj < M && gd < D) ? from_float<Mix>(to_float(u[gj * ld + gd])) : mix_zero;
+      // 16 bytes at a time when the rows allow it and U holds u's own type (bf16, fp32; fp16
+      // rows become bf16 here, element by element).
+      if constexpr (std::is_same_v<T, Mix> && kVecRows) {
+        constexpr int kV = kVec<T>;
+        constexpr int kIters = kCols * (Tr::kV / kV) / kThreads;
+        static_assert(Tr::kV % kV == 0 && (L::kULd * sizeof(Mix)) % 16 == 0 && kIters * kThreads == kCols * (Tr::kV / kV),
+                      "16-byte staging of U, whole vectors per thread");
+        const uint4 zero4 = {0u, 0u, 0u, 0u};
+#pragma unroll 2  // fully unrolled, ptxas (sm_80) spills the backward's 64 accumulators
+        for (int k = 0; k < kIters; ++k) {
+          const int e = tid + k * kThreads;
+          const int c = e / (Tr::kV / kV), vv = (e % (Tr::kV / kV)) * kV;
+          const int64_t gj = c0 + c, gd = v0 + vv;
+          *reinterpret_cast<uint4*>(U + c * L::kULd + vv) =
+              (gj < M && gd < D) ? *reinterpret_cast<const uint4*>(u + gj * ld + gd) : zero4;
+        }
+      } else {
+        for (int e = tid; e < kCols * Tr::kV; e += kThreads) {
+          const int c = e / Tr::kV, vv = e % Tr::kV;
+          const int64_t gj = c0 + c, gd = v0 + vv;
+          U[c * L::kULd + vv] = (gj < M && gd < D) ? from_float<Mix>(to_float(u[gj * ld + gd])) : mix_zero;
+        }
       }
       __syncthreads();
       if constexpr (Tr::kTensorCores) {
@@ -419,10 +463,19 @@ __global__ void __launch_bounds__(kThreads)
 
 inline unsigned row_blocks(int64_t M) { return static_cast<unsigned>((M + kRows - 1) / kRows); }
 
+// Whether rows can be read 16 bytes at a time: the base 16-byte aligned and the row stride and
+// D multiples of kVec<T> (then a vector starting inside D lies wholly inside it). Decided once
+// per launch: each case is its own kernel, with its own registers.
+template <typename T>
+bool rows_vectorizable(const SelfProblem& p) {
+  return reinterpret_cast<uintptr_t>(p.u) % 16 == 0 && p.row_stride % kVec<T> == 0 && p.D % kVec<T> == 0;
+}
+
 template <typename T>
 cudaError_t launch_forward(const SelfProblem& p, float* lse, float* pos_sum, float* pos_count,
                            float* ps_sum, float* top1, cudaStream_t stream) {
-  FASTNTXENT_LAUNCH(forward_kernel<T>, row_blocks(p.M), kThreads, stream,
+  auto* kernel = rows_vectorizable<T>(p) ? forward_kernel<T, true> : forward_kernel<T, false>;
+  FASTNTXENT_LAUNCH(kernel, row_blocks(p.M), kThreads, stream,
                     static_cast<const T*>(p.u), p.M, p.D, p.row_stride, p.temperature, p.labels, p.period, lse,
                     pos_sum, pos_count, ps_sum, top1);
   return cudaGetLastError();
@@ -431,7 +484,8 @@ cudaError_t launch_forward(const SelfProblem& p, float* lse, float* pos_sum, flo
 template <typename T>
 cudaError_t launch_backward(const SelfProblem& p, const float* lse, const float* grad_lse,
                             const float* grad_pos, float* grad_u, cudaStream_t stream) {
-  FASTNTXENT_LAUNCH(backward_kernel<T>, row_blocks(p.M), kThreads, stream,
+  auto* kernel = rows_vectorizable<T>(p) ? backward_kernel<T, true> : backward_kernel<T, false>;
+  FASTNTXENT_LAUNCH(kernel, row_blocks(p.M), kThreads, stream,
                     static_cast<const T*>(p.u), p.M, p.D, p.row_stride, p.temperature, p.labels, p.period, lse,
                     grad_lse, grad_pos, grad_u);
   return cudaGetLastError();
