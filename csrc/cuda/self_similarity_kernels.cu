@@ -122,6 +122,15 @@ __device__ __forceinline__ Smem carve(unsigned char* base) {
   return s;
 }
 
+// Tile-local bounds in int32, once per tile: the tile starting at column c0 holds columns
+// c < tile_cols(M, c0), and row i's own column is c = tile_diag(i, c0) (-1: not in this tile).
+__device__ __forceinline__ int tile_cols(int64_t M, int64_t c0) {
+  return M - c0 < kCols ? static_cast<int>(M - c0) : kCols;
+}
+__device__ __forceinline__ int tile_diag(int64_t i, int64_t c0) {
+  return (i >= c0 && i - c0 < kCols) ? static_cast<int>(i - c0) : -1;
+}
+
 __device__ __forceinline__ int64_t label_of(const int64_t* labels, int64_t period, int64_t j) {
   return labels != nullptr ? labels[j] : j % period;
 }
@@ -228,8 +237,10 @@ __device__ void tile_scores(const T* __restrict__ u, int64_t M, int64_t D, int64
   __syncthreads();
 }
 
+// At least 3 blocks per SM (A100's shared memory holds 3 of the 16-bit kernels' 45 KiB): a cap
+// of 170 registers, within which ptxas (sm_90) no longer picks 96 registers and spills.
 template <typename T, bool kVecRows>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 3)
     forward_kernel(const T* __restrict__ u, int64_t M, int64_t D, int64_t ld,
                    const float* __restrict__ temperature, const int64_t* __restrict__ labels,
                    int64_t period, float* __restrict__ lse, float* __restrict__ pos_sum,
@@ -256,11 +267,11 @@ __global__ void __launch_bounds__(kThreads)
     float s[kHalf];
     float tmax = neg_inf;
     int targ = -1;
+    const int n_cols = row_ok ? tile_cols(M, c0) : 0, diag = tile_diag(i, c0);
 #pragma unroll
     for (int cc = 0; cc < kHalf; ++cc) {
       const int c = h * kHalf + cc;
-      const int64_t j = c0 + c;
-      s[cc] = (row_ok && j < M && j != i) ? sm.S[r * kSLd + c] * inv_tau : neg_inf;
+      s[cc] = (c < n_cols && c != diag) ? sm.S[r * kSLd + c] * inv_tau : neg_inf;
       if (s[cc] > tmax) { tmax = s[cc]; targ = c; }
     }
     // Merge with the other half of the row (lane ^ 1); the lower column wins ties.
@@ -357,12 +368,12 @@ __global__ void __launch_bounds__(kThreads)
       tile_scores<T, kVecRows>(u, M, D, ld, r0, c0, sm);
       // H_kj = a_k P_kj + a_j P_jk + (b_k + b_j)[j ∈ P(k)]; a term is skipped when its a is 0,
       // so that an lse of -inf (a row without columns) never meets exp.
+      const int n_cols = row_ok ? tile_cols(M, c0) : 0, diag = tile_diag(k, c0);
 #pragma unroll
       for (int cc = 0; cc < kHalf; ++cc) {
         const int c = h * kHalf + cc;
-        const int64_t j = c0 + c;
         float v = 0.f;
-        if (row_ok && j < M && j != k) {
+        if (c < n_cols && c != diag) {
           const float s = sm.S[r * kSLd + c] * inv_tau;
           if (ak != 0.f) v += ak * __expf(s - lk);
           const float aj = sm.col_a[c];
