@@ -222,6 +222,8 @@ def add_instr(c: Counter, ins: Instr, weight: float = 1.0) -> None:
         c["ffma"] += weight
     if base in ("LDG", "LDGSTS"):
         c["ldg_bytes"] += weight * _width_bytes(ins.op)
+    if base == "CALL":  # the callee (e.g. the 64-bit division slow path) is not counted
+        c["calls"] += weight
 
 
 def scaled(c: Counter, k: float) -> Counter:
@@ -533,6 +535,7 @@ def evaluate(cases_by_key, M, dims):
                                  mma_flop_ratio=product_flop(case.per_tile) * case.warps * math.ceil(M / case.block_m)
                                  * case.tiles_per_row_block / useful_flop(p, case.pass_),
                                  fraction=useful_flop(p, case.pass_) / peak / t, per_similarity=per_similarity(case),
+                                 calls_per_tile=case.per_tile["calls"],
                                  notes=case.notes))
     return rows
 
@@ -571,7 +574,9 @@ def render(rows, fams, meta) -> str:
              "and perfect overlap of all units; the largest binds. Fractions are of the device's datasheet matmul peak "
              "for the dtype (bf16: tensor cores; fp32: exact FFMA). Real kernels are slower: latency, occupancy, bank "
              "conflicts, imperfect overlap, mma.sync on sm_90 below the warpgroup-MMA peak. "
-             "H100's L2 bandwidth is an assumption (no datasheet figure).", "",
+             "H100's L2 bandwidth is an assumption (no datasheet figure). Static counts: a branch not taken at run time "
+             "is counted; subroutines are not (calls/tile: CALLs in the main loop, e.g. the 64-bit division's slow "
+             "path, taken only for operands of 2³² and more).", "",
              f"Compiled with triton {meta['triton']} (kernels {meta['triton_kernel_sha']}), nvcc {meta['nvcc']} "
              f"(csrc/cuda/self_similarity_kernels.cu {meta['cuda_source_sha']}); M = {meta['M']}. Configs: the largest "
              "spill-free Triton config at D = 128 in benchmarks/results/triton_resources.json, compiled here for each D.", "",
@@ -588,15 +593,16 @@ def render(rows, fams, meta) -> str:
               "non-MMA = every issued instruction but the MMAs (loads, address arithmetic included); ALU = FP32, "
               "integer, MUFU and other ALU instructions (no memory, no control); ex2 = MUFU.EX2.", "",
               "| device | D | kernel | dtype | config | regs/spill B | " + " | ".join(UNITS)
-              + " | binds | % peak | MMA× | non-MMA/sim | ALU/sim | ex2/sim |",
-              "|" + "---|" * (len(UNITS) + 12)]
+              + " | binds | % peak | MMA× | non-MMA/sim | ALU/sim | ex2/sim | calls/tile |",
+              "|" + "---|" * (len(UNITS) + 13)]
     for r in rows:
         b = r["bounds_us"]
         cells = " | ".join(f"{b[u]:.0f}" if u in b else "-" for u in UNITS)
         ps = r["per_similarity"]
         lines.append(f"| {r['device']} | {r['D']} | {r['kernel']} | {r['dtype']} | {r['config']} | {r['regs']}/"
                      f"{r['spill_bytes']} | {cells} | {r['binding']} | {100 * r['fraction']:.0f} % | "
-                     f"{r['mma_flop_ratio']:.2f} | {ps['non_mma']:.1f} | {ps['alu']:.1f} | {ps['ex2']:.2f} |")
+                     f"{r['mma_flop_ratio']:.2f} | {ps['non_mma']:.1f} | {ps['alu']:.1f} | {ps['ex2']:.2f} | "
+                     f"{r['calls_per_tile']:.0f} |")
     lines.append("")
     return "\n".join(lines)
 

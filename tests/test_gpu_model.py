@@ -116,10 +116,12 @@ def test_main_loop_counts_with_a_nested_loop():
         (0x40, "IADD3 R2, R2, 0x1, RZ"),
         (0x50, "@P0 BRA 0x30"),                           # nested loop end
         (0x60, "MUFU.EX2 R3, R3"),
-        (0x70, "FADD R5, R5, R3"),
+        (0x70, "CALL.REL.NOINC 0xb0"),
         (0x80, "NOP"),
         (0x90, "@P1 BRA 0x20"),                           # main loop end
         (0xa0, "EXIT"),
+        (0xb0, "FADD R5, R5, R3"),                        # a subroutine: not counted
+        (0xc0, "RET.REL.NODEC R2 0x0"),
     ])
     (instrs,) = gm.parse_sass(sass).values()
     assert gm.loops(instrs) == [(0x20, 0x90), (0x30, 0x50)]
@@ -134,10 +136,10 @@ def test_main_loop_counts_with_a_nested_loop():
     c = gm.tile_counts(instrs, trips)
     assert seen[0][1] == 1 and seen[0][0]["mma"] == 1 and seen[0][0]["barrier"] == 0
     assert c["mma"] == 3 and c["mma_flop"] == 3 * 4096
-    assert c["int"] == 3 and c["control"] == 3 + 1
-    assert c["mufu"] == c["ex2"] == 1 and c["fp32"] == 1
+    assert c["int"] == 3
+    assert c["mufu"] == c["ex2"] == 1 and c["calls"] == 1 and c["control"] == 3 + 2 and c["fp32"] == 0
     assert c["smem_wavefronts"] == 4
-    assert c["issued"] == 1 + 3 * 3 + 3   # LDS, 3 × (HMMA, IADD3, BRA), MUFU, FADD, BRA; NOP not issued
+    assert c["issued"] == 1 + 3 * 3 + 3   # LDS, 3 × (HMMA, IADD3, BRA), MUFU, CALL, BRA; NOP not issued
 
 
 def test_choose_config_takes_the_largest_spill_free_tile():
