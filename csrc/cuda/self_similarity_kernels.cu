@@ -131,6 +131,10 @@ __device__ __forceinline__ int tile_diag(int64_t i, int64_t c0) {
   return (i >= c0 && i - c0 < kCols) ? static_cast<int>(i - c0) : -1;
 }
 
+// Shared-memory reads of 4 consecutive floats / 2 consecutive int64 (16-byte aligned).
+__device__ __forceinline__ float4 lds4(const float* p) { return *reinterpret_cast<const float4*>(p); }
+__device__ __forceinline__ longlong2 lds2(const int64_t* p) { return *reinterpret_cast<const longlong2*>(p); }
+
 __device__ __forceinline__ int64_t label_of(const int64_t* labels, int64_t period, int64_t j) {
   return labels != nullptr ? labels[j] : j % period;
 }
@@ -268,11 +272,17 @@ __global__ void __launch_bounds__(kThreads, 3)
     float tmax = neg_inf;
     int targ = -1;
     const int n_cols = row_ok ? tile_cols(M, c0) : 0, diag = tile_diag(i, c0);
+    const float* srow = sm.S + r * kSLd + h * kHalf;  // this thread's 32 scores: 8 LDS.128
 #pragma unroll
-    for (int cc = 0; cc < kHalf; ++cc) {
-      const int c = h * kHalf + cc;
-      s[cc] = (c < n_cols && c != diag) ? sm.S[r * kSLd + c] * inv_tau : neg_inf;
-      if (s[cc] > tmax) { tmax = s[cc]; targ = c; }
+    for (int cc = 0; cc < kHalf; cc += 4) {
+      const float4 q = lds4(srow + cc);
+      const float raw[4] = {q.x, q.y, q.z, q.w};
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        const int c = h * kHalf + cc + k;
+        s[cc + k] = (c < n_cols && c != diag) ? raw[k] * inv_tau : neg_inf;
+        if (s[cc + k] > tmax) { tmax = s[cc + k]; targ = c; }
+      }
     }
     // Merge with the other half of the row (lane ^ 1); the lower column wins ties.
     const float other_max = __shfl_xor_sync(kFullMask, tmax, 1);
@@ -285,12 +295,17 @@ __global__ void __launch_bounds__(kThreads, 3)
     const float shift = new_m == neg_inf ? 0.f : new_m;
     float tl = 0.f, tps = 0.f, tpos = 0.f, tcnt = 0.f;
 #pragma unroll
-    for (int cc = 0; cc < kHalf; ++cc) {
-      if (s[cc] != neg_inf) {
-        const float e = __expf(s[cc] - shift);
-        tl += e;
-        tps += e * s[cc];
-        if (sm.col_label[h * kHalf + cc] == li) { tpos += s[cc]; tcnt += 1.f; }
+    for (int cc = 0; cc < kHalf; cc += 2) {
+      const longlong2 lab = lds2(sm.col_label + h * kHalf + cc);  // two labels per LDS.128
+      const bool pos[2] = {lab.x == li, lab.y == li};
+#pragma unroll
+      for (int k = 0; k < 2; ++k) {
+        if (s[cc + k] != neg_inf) {
+          const float e = __expf(s[cc + k] - shift);
+          tl += e;
+          tps += e * s[cc + k];
+          if (pos[k]) { tpos += s[cc + k]; tcnt += 1.f; }
+        }
       }
     }
     tl += __shfl_xor_sync(kFullMask, tl, 1);
@@ -369,22 +384,33 @@ __global__ void __launch_bounds__(kThreads)
       // H_kj = a_k P_kj + a_j P_jk + (b_k + b_j)[j ∈ P(k)]; a term is skipped when its a is 0,
       // so that an lse of -inf (a row without columns) never meets exp.
       const int n_cols = row_ok ? tile_cols(M, c0) : 0, diag = tile_diag(k, c0);
+      // Four columns per step: the scores and column data as LDS.128 (labels two per load).
 #pragma unroll
-      for (int cc = 0; cc < kHalf; ++cc) {
-        const int c = h * kHalf + cc;
-        float v = 0.f;
-        if (c < n_cols && c != diag) {
-          const float s = sm.S[r * kSLd + c] * inv_tau;
-          if (ak != 0.f) v += ak * __expf(s - lk);
-          const float aj = sm.col_a[c];
+      for (int c4 = h * kHalf; c4 < h * kHalf + kHalf; c4 += 4) {
+        const float4 sq = lds4(sm.S + r * kSLd + c4), aq = lds4(sm.col_a + c4), bq = lds4(sm.col_b + c4);
 #ifndef FASTNTXENT_EMULATION_READ_PAST_END  // test switch (tests/test_cuda_emulation.py): AddressSanitizer must see it
-          if (aj != 0.f) v += aj * __expf(s - sm.col_lse[c]);
+        const float4 lq = lds4(sm.col_lse + c4);
+        const float lse_c[4] = {lq.x, lq.y, lq.z, lq.w};
 #else
-          if (aj != 0.f) v += aj * __expf(s - sm.col_lse[c + 1]);  // c = 63: one past the end of smem
+        float lse_c[4];  // col_lse[c + 1]: for c = 63 one past the end of smem
+        for (int q = 0; q < 4; ++q) lse_c[q] = sm.col_lse[c4 + q + 1];
 #endif
-          if (sm.col_label[c] == labk) v += bk + sm.col_b[c];
+        const longlong2 l01 = lds2(sm.col_label + c4), l23 = lds2(sm.col_label + c4 + 2);
+        const float sv[4] = {sq.x, sq.y, sq.z, sq.w}, a_c[4] = {aq.x, aq.y, aq.z, aq.w};
+        const float b_c[4] = {bq.x, bq.y, bq.z, bq.w};
+        const bool same[4] = {l01.x == labk, l01.y == labk, l23.x == labk, l23.y == labk};
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+          const int c = c4 + q;
+          float v = 0.f;
+          if (c < n_cols && c != diag) {
+            const float s = sv[q] * inv_tau;
+            if (ak != 0.f) v += ak * __expf(s - lk);
+            if (a_c[q] != 0.f) v += a_c[q] * __expf(s - lse_c[q]);
+            if (same[q]) v += bk + b_c[q];
+          }
+          H[r * L::kHLd + c] = from_float<Mix>(v);  // fp32: in place of S, same thread, same element
         }
-        H[r * L::kHLd + c] = from_float<Mix>(v);  // fp32: in place of S, same thread, same element
       }
       // Stage the tile's columns, dims [v0, v0 + kV), into the region the scores no longer use.
       // 16 bytes at a time when the rows allow it and U holds u's own type (bf16, fp32; fp16
