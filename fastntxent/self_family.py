@@ -29,7 +29,8 @@ from .row_math import accumulation_dtype, any_nonfinite, normalize_rows, poison,
 from ._validation import (Scalar, as_temperature, bad_scalar, check_embeddings, check_flag, check_labels,
                           check_pair, check_reduction, check_same_device, refuse_double_backward, refuse_unsupported_autograd)
 
-__all__ = ["nt_xent", "multiview_nt_xent", "supcon", "self_similarity_loss", "register_operators"]
+__all__ = ["nt_xent", "multiview_nt_xent", "supcon", "self_similarity_loss", "register_operators",
+           "register_rows_operators"]
 
 
 # ---------------------------------------------------------------------------------------
@@ -63,14 +64,61 @@ def register_operators(forward_op, backward_op) -> None:
         if ctx.needs_input_grad[0]:
             grad_u = backward_op(u, temperature, labels, ctx.rows_per_view, lse, grad_lse, grad_pos)
         if ctx.needs_input_grad[1]:
-            grad_t = -((grad_lse * expected_logit + grad_pos * pos_sum).sum() / temperature).to(temperature.dtype)
+            grad_t = _temperature_grad(grad_lse, grad_pos, expected_logit, pos_sum, temperature)
         return grad_u, grad_t, None, None
+
+    torch.library.register_autograd(forward_op, backward, setup_context=setup_context)
+
+
+def _temperature_grad(grad_lse, grad_pos, expected_logit, pos_sum, temperature):
+    """∂L/∂τ = −Σ_i (grad_lse_i·expected_logit_i + grad_pos_i·pos_sum_i)/τ over the operator's rows."""
+    return -((grad_lse * expected_logit + grad_pos * pos_sum).sum() / temperature).to(temperature.dtype)
+
+
+def register_rows_operators(forward_op, backward_op) -> None:
+    """Fake kernels and autograd for a backend's local-rows operator pair (docs/distributed.md):
+
+    forward(u, temperature, labels, rows_per_view, row_start, row_stop) -> the five statistics of
+        rows [row_start, row_stop) of u (M, D) against all M columns, each (row_stop − row_start,);
+    backward(u, temperature, labels, rows_per_view, row_start, row_stop, lse, grad_lse, grad_pos)
+        -> ∂L/∂u (M, D): the gradient of every row of u produced by the local rows' statistics.
+    """
+
+    @torch.library.register_fake(forward_op)
+    def _forward_fake(u, temperature, labels, rows_per_view, row_start, row_stop):
+        rows = u.new_empty((row_stop - row_start,), dtype=accumulation_dtype(u.dtype))
+        return tuple(torch.empty_like(rows) for _ in range(5))
+
+    @torch.library.register_fake(backward_op)
+    def _backward_fake(u, temperature, labels, rows_per_view, row_start, row_stop, lse, grad_lse, grad_pos):
+        return torch.empty_like(u, memory_format=torch.contiguous_format)
+
+    def setup_context(ctx, inputs, output):
+        u, temperature, labels, rows_per_view, row_start, row_stop = inputs
+        lse, pos_sum, _, expected_logit, _ = output
+        ctx.save_for_backward(u, temperature, labels, lse, pos_sum, expected_logit)
+        ctx.rows = (rows_per_view, row_start, row_stop)
+
+    def backward(ctx, grad_lse, grad_pos, _grad_count, _grad_expected, _grad_top1):
+        refuse_double_backward()
+        u, temperature, labels, lse, pos_sum, expected_logit = ctx.saved_tensors
+        grad_lse = torch.zeros_like(lse) if grad_lse is None else grad_lse
+        grad_pos = torch.zeros_like(lse) if grad_pos is None else grad_pos
+        grad_u = grad_t = None
+        if ctx.needs_input_grad[0]:
+            grad_u = backward_op(u, temperature, labels, *ctx.rows, lse, grad_lse, grad_pos)
+        if ctx.needs_input_grad[1]:
+            grad_t = _temperature_grad(grad_lse, grad_pos, expected_logit, pos_sum, temperature)
+        return grad_u, grad_t, None, None, None, None
 
     torch.library.register_autograd(forward_op, backward, setup_context=setup_context)
 
 
 if _extension.has_cpu_kernels():
     register_operators(torch.ops.fastntxent.self_forward.default, torch.ops.fastntxent.self_backward.default)
+if _extension.has_local_rows_kernels():
+    register_rows_operators(torch.ops.fastntxent.self_forward_rows.default,
+                            torch.ops.fastntxent.self_backward_rows.default)
 
 
 # ---------------------------------------------------------------------------------------
