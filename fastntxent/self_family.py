@@ -124,30 +124,35 @@ if _extension.has_local_rows_kernels():
 # ---------------------------------------------------------------------------------------
 # Losses
 # ---------------------------------------------------------------------------------------
-def _stats(u, tau, pos_sum, pos_count, top1, has_pos, loss, normalized: bool) -> dict:
+def _stats(u, tau, pos_sum, pos_count, top1, has_pos, loss, normalized: bool, rows: slice = slice(None),
+           total=lambda x: x) -> dict:
     """Top-1 accuracy, mean positive / negative cosine and the health statistics
-    (fastntxent.health), from the kernels' row outputs: O(M·D), tensors, no host sync."""
+    (fastntxent.health), from the kernels' row outputs: O(M·D), tensors, no host sync.
+    u: all M rows; the row outputs are those of u[rows] (the local rows of a distributed loss,
+    whose sums `total` adds over the ranks)."""
     with torch.no_grad():
         acc = pos_sum.dtype
-        anchors = has_pos.sum().clamp_min(1).to(acc)
         u = u.to(acc)
-        row_cos = u @ u.sum(0) - (u * u).sum(1)  # Σ_{j≠i} u_i·u_j, O(M·D)
+        mine = u[rows]
         pos_cos = pos_sum * tau.detach()
         M = u.shape[0]
-        pos_pairs = pos_count.sum()
-        neg_pairs = (M * (M - 1) - pos_pairs).clamp_min(1)
         others = max(M - 1, 1)
-        positive_cosine = pos_cos.sum() / pos_pairs.clamp_min(1)
+        row_cos = mine @ u.sum(0) - (mine * mine).sum(1)  # Σ_{j≠i} u_i·u_j, O(M·D)
+        sums = total(torch.stack([has_pos.sum().to(acc), (top1 * has_pos).sum(), pos_cos.sum(), pos_count.sum(),
+                                  row_cos.sum(), ((pos_count / others) * has_pos).sum()]))
+        n_anchors, top1_sum, pos_cos_sum, pos_pairs, row_cos_sum, chance_sum = sums.unbind()
+        anchors = n_anchors.clamp_min(1)
+        neg_pairs = (M * (M - 1) - pos_pairs).clamp_min(1)
+        positive_cosine = pos_cos_sum / pos_pairs.clamp_min(1)
         # Uniform similarities: lse_i = s + ln(M−1) and the positives' mean is s, so every
         # anchor's loss is ln(M−1); a random ranking's top-1 is |P(i)|/(M−1).
         chance = torch.full((), math.log(others), dtype=acc, device=u.device)
-        top1_chance = ((pos_count / others) * has_pos).sum() / anchors
         return {
-            "top1_accuracy": (top1 * has_pos).sum() / anchors,
+            "top1_accuracy": top1_sum / anchors,
             "positive_cosine": positive_cosine,
-            "negative_cosine": (row_cos.sum() - pos_cos.sum()) / neg_pairs,
-            "anchors": has_pos.sum(),
-            **health_stats(loss, chance, top1_chance, positive_cosine, u, normalized),
+            "negative_cosine": (row_cos_sum - pos_cos_sum) / neg_pairs,
+            "anchors": n_anchors.to(torch.int64),
+            **health_stats(loss, chance, chance_sum / anchors, positive_cosine, u, normalized),
         }
 
 
@@ -187,7 +192,7 @@ def self_similarity_loss(
 
 def _warn_if_same_views(z1: torch.Tensor, z2: torch.Tensor) -> None:
     """The two views are one tensor (no augmentation between them): the task is trivial."""
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or z1.numel() == 0:
         return
     if z1 is not z2 and any(torch._C._functorch.is_functorch_wrapped_tensor(t) or t.device.type == "meta"
                             for t in (z1, z2)):
@@ -213,16 +218,18 @@ def nt_xent(
     """SimCLR's NT-Xent. z1, z2: (N, D) two views; row i of z1 and row i of z2 are positives.
 
     The loss averages over the 2N anchors of cat(z1, z2); `reduction="none"` returns (2N,).
-    `gather=True`: loss of all ranks' rows (torch.distributed), see fastntxent.distributed.
+    `gather=True`: loss of all ranks' rows (torch.distributed; any row counts, 0 included): the
+    global z1 / z2 are the concatenations in rank order; "none" returns the local (2N,). See
+    fastntxent.distributed and docs/distributed.md.
     """
-    check_pair("z1", z1, "z2", z2)
+    check_pair("z1", z1, "z2", z2, allow_no_rows=check_flag("gather", gather))
     _warn_if_same_views(z1, z2)
-    if check_flag("gather", gather):
-        from .distributed import gathered_nt_xent
-
-        return gathered_nt_xent(z1, z2, temperature, normalize=normalize, reduction=reduction,
-                                backend=backend, return_stats=return_stats)
     z = torch.cat([z1, z2], dim=0)
+    if gather:
+        from .distributed import gathered_self_loss
+
+        return gathered_self_loss(z, None, 2, temperature, name="z1, z2", normalize=normalize, reduction=reduction,
+                                  backend=backend, return_stats=return_stats)
     return self_similarity_loss(
         z, None, z1.shape[0], temperature, normalize=normalize, reduction=reduction,
         backend=backend, return_stats=return_stats,
@@ -237,14 +244,18 @@ def multiview_nt_xent(
     reduction: str = "mean",
     backend: str = "auto",
     return_stats: bool = False,
+    gather: bool = False,
 ):
     """Multi-view NT-Xent. views: (V, N, D) or a list of V tensors (N, D); the positives of a
-    row are the other V−1 views of its sample. Loss over V·N anchors (view-major)."""
+    row are the other V−1 views of its sample. Loss over V·N anchors (view-major).
+    `gather=True`: loss of all ranks' samples (torch.distributed; any N, 0 included), see
+    fastntxent.distributed; "none" returns the local (V·N,)."""
+    check_flag("gather", gather)
     if isinstance(views, (list, tuple)):
         if len(views) == 0:
             raise ValueError("views must hold at least one view")
         for i, v in enumerate(views):
-            check_embeddings(f"views[{i}]", v)
+            check_embeddings(f"views[{i}]", v, allow_no_rows=gather)
             if v.shape != views[0].shape:
                 raise ValueError(f"views[{i}] has shape {tuple(v.shape)}, views[0] has {tuple(views[0].shape)}")
             if v.dtype != views[0].dtype:
@@ -252,8 +263,14 @@ def multiview_nt_xent(
         check_same_device(**{f"views[{i}]": v for i, v in enumerate(views)})
         views = torch.stack(list(views))
     else:
-        check_embeddings("views", views, ndim=3)
+        check_embeddings("views", views, ndim=3, allow_no_rows=gather)
     n_views, rows_per_view, dim = views.shape
+    if gather:
+        from .distributed import gathered_self_loss
+
+        return gathered_self_loss(views.reshape(n_views * rows_per_view, dim), None, n_views, temperature,
+                                  name="views", normalize=normalize, reduction=reduction, backend=backend,
+                                  return_stats=return_stats)
     return self_similarity_loss(
         views.reshape(n_views * rows_per_view, dim), None, rows_per_view, temperature, normalize=normalize,
         reduction=reduction, backend=backend, return_stats=return_stats,
@@ -274,15 +291,16 @@ def supcon(
     """Supervised contrastive loss (Khosla et al., L_out). z: (M, D), labels: (M,) integer.
 
     Anchors without a positive contribute 0 and are left out of the mean.
-    `gather=True`: loss of all ranks' rows (torch.distributed), see fastntxent.distributed.
+    `gather=True`: loss of all ranks' rows and labels (torch.distributed; any row counts, 0
+    included), see fastntxent.distributed; "none" returns the local (M,).
     """
-    check_embeddings("z", z)
+    check_embeddings("z", z, allow_no_rows=check_flag("gather", gather))
     labels = check_labels(labels, z.shape[0], z.device)
-    if check_flag("gather", gather):
-        from .distributed import gathered_supcon
+    if gather:
+        from .distributed import gathered_self_loss
 
-        return gathered_supcon(z, labels, temperature, normalize=normalize, reduction=reduction,
-                               backend=backend, return_stats=return_stats)
+        return gathered_self_loss(z, labels, 1, temperature, name="z", normalize=normalize, reduction=reduction,
+                                  backend=backend, return_stats=return_stats)
     return self_similarity_loss(
         z, labels, 1, temperature, normalize=normalize, reduction=reduction,
         backend=backend, return_stats=return_stats,
