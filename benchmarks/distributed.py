@@ -97,11 +97,11 @@ def measure(world: int, rank: int, args, clock: CollectiveClock | None) -> dict:
             samples.append((wall - cw, cpu - cc, cw, cc))
     med = [statistics.median(s[k] for s in samples) for k in range(4)]
     if not torch.isfinite(loss):
-        raise RuntimeError(f"rank {rank}: the loss is not finite ({float(loss)})")
+        raise RuntimeError(f"rank {rank}: the loss is not finite ({float(loss.detach())})")
     return {"world": world, "rank": rank, "local_rows": 2 * z1.shape[0], "global_rows": args.global_rows,
             "dim": args.dim, "dtype": "float32", "backend": args.backend, "repeats": args.repeats,
             "op_wall_s": med[0], "op_cpu_s": med[1], "coll_wall_s": med[2], "coll_cpu_s": med[3],
-            "loss": float(loss)}
+            "loss": float(loss.detach())}
 
 
 def _worker(rank: int, world: int, init_file: str, out_dir: str, args) -> None:
