@@ -116,7 +116,7 @@ def _local(x: dict, sizes, r: int | None, grad_names) -> dict:
     return out
 
 
-def _local_layout_rows(name: str, case: str, sizes, r: int) -> torch.Tensor:
+def _local_layout_rows(case: str, sizes, r: int) -> torch.Tensor:
     """Indices into the single-process ℓ (reduction="none") of rank r's local ℓ."""
     n, start = sum(sizes), sum(sizes[:r])
     mine = torch.arange(start, start + sizes[r])
@@ -127,7 +127,7 @@ def _local_layout_rows(name: str, case: str, sizes, r: int) -> torch.Tensor:
     return mine
 
 
-def _run_case(fn, x, t, reduction, n_rows):
+def _run_case(fn, x, t, reduction):
     loss = fn(x, t)
     objective = (loss * _weights(loss.shape[0])).sum() if reduction == "none" else loss
     objective.backward()
@@ -188,6 +188,21 @@ def _compiled_case(r: int, sizes):
     return {"loss": loss.detach(), "z1": x["z1"].grad, "z2": x["z2"].grad}
 
 
+def _full_batch_fallback(x, sizes, r):
+    """The path of backends without local-rows operators (the CUDA C++ kernels): the full
+    global batch on every rank, the local rows' statistics kept (forced here on the CPU)."""
+    grad_names, value, fn, reduction = CASES["nt_xent"]
+    real = backends.refusal
+    backends.refusal = lambda name, family, *a: "forced" if family == "self_rows" else real(name, family, *a)
+    try:
+        local = _local(x, sizes, r, grad_names)
+        t = torch.tensor(value, dtype=torch.float64, requires_grad=True)
+        loss = _run_case(lambda xx, tt: fn(xx, tt, True, BACKEND), local, t, reduction)
+    finally:
+        backends.refusal = real
+    return {"loss": loss, "t": t.grad, **{n: local[n].grad for n in grad_names}}
+
+
 def _worker(r: int, world: int, init_file: str, out_dir: str) -> None:
     torch.set_num_threads(1)
     warnings.simplefilter("error", FutureWarning)  # no deprecated collective anywhere on the path
@@ -200,7 +215,7 @@ def _worker(r: int, world: int, init_file: str, out_dir: str) -> None:
             for name, (grad_names, value, fn, reduction) in CASES.items():
                 local = _local(x, sizes, r, grad_names)
                 t = torch.tensor(value, dtype=torch.float64, requires_grad=True)
-                loss = _run_case(lambda xx, tt: fn(xx, tt, True, BACKEND), local, t, reduction, None)
+                loss = _run_case(lambda xx, tt: fn(xx, tt, True, BACKEND), local, t, reduction)
                 results[lname, name] = {"loss": loss, "t": t.grad, **{n: local[n].grad for n in grad_names}}
             for name, fn in STATS_CASES.items():
                 local = _local(x, sizes, r, ())
@@ -209,8 +224,9 @@ def _worker(r: int, world: int, init_file: str, out_dir: str) -> None:
             local = _local(x, sizes, r, ("z",))
             t = torch.tensor(0.2, dtype=torch.float64, requires_grad=True)
             results[lname, "supcon_reference"] = {"loss": _run_case(lambda xx, tt: _sc("mean")(xx, tt, True, "reference"),
-                                                                    local, t, "mean", None),
+                                                                    local, t, "mean"),
                                                   "t": t.grad, "z": local["z"].grad}
+            results[lname, "nt_xent_full_batch"] = _full_batch_fallback(x, sizes, r)
             torch.manual_seed(5)  # the same initial queue on every rank
             mq = fx.MemoryQueue(dim=D, size=4 * sum(sizes))
             mq.enqueue(_local(x, sizes, r, ())["k"])
@@ -229,17 +245,10 @@ def _worker(r: int, world: int, init_file: str, out_dir: str) -> None:
         results["bad_queue_keys"] = _expect_value_error(
             lambda: fx.distributed.gather_no_grad(torch.randn(n, D, dtype=torch.float16 if r else torch.float32)))
         results["after_errors"] = fx.nt_xent(torch.ones(1, D), torch.ones(1, D) * (r + 1), gather=True).detach()
+        if world == 2:
+            warnings.simplefilter("default", FutureWarning)  # torch.compile's own deprecations are not ours
+            results["compiled"] = _compiled_case(r, LAYOUTS[2]["uneven"])
         torch.save(results, os.path.join(out_dir, f"rank{r}.pt"))
-    finally:
-        dist.destroy_process_group()
-
-
-def _compile_worker(r: int, world: int, init_file: str, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=r, world_size=world,
-                            timeout=datetime.timedelta(seconds=90))
-    try:
-        torch.save(_compiled_case(r, LAYOUTS[world]["uneven"]), os.path.join(out_dir, f"rank{r}.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -264,42 +273,39 @@ def dist_results(request, tmp_path_factory):
     return world, [torch.load(d / f"rank{r}.pt", weights_only=False) for r in range(world)]
 
 
-def _sizes(world: int, layout: str):
-    if layout not in LAYOUTS[world]:
-        pytest.skip(f"layout {layout} runs at W = 2 only")
-    return LAYOUTS[world][layout]
-
-
 def _single_process(case: str, sizes, backend: str = BACKEND):
-    grad_names, value, fn, reduction = CASES["supcon" if case == "supcon_reference" else case]
+    base = {"supcon_reference": "supcon", "nt_xent_full_batch": "nt_xent"}.get(case, case)
+    grad_names, value, fn, reduction = CASES[base]
     x = _local(_global_inputs(sizes), sizes, None, grad_names)
     t = torch.tensor(0.2 if case == "supcon_reference" else value, dtype=torch.float64, requires_grad=True)
     loss = fn(x, t, False, backend)
     return x, t, loss, grad_names, reduction
 
 
-@pytest.mark.parametrize("layout", ["equal", "uneven"])
-@pytest.mark.parametrize("case", list(CASES) + ["supcon_reference"])
-def test_loss_and_gradients_equal_single_process(dist_results, case, layout):
+@pytest.mark.parametrize("case", list(CASES) + ["supcon_reference", "nt_xent_full_batch"])
+def test_loss_and_gradients_equal_single_process(dist_results, case):
     world, results = dist_results
-    sizes = _sizes(world, layout)
+    for layout, sizes in LAYOUTS[world].items():
+        _check_case(world, [res[layout, case] for res in results], case, sizes)
+
+
+def _check_case(world, results, case, sizes):
     x, t, loss, grad_names, reduction = _single_process(case, sizes)
-    objective = (loss * _weights(loss.shape[0])).sum() if reduction == "none" else loss
+    objective = loss
     if reduction == "none":  # the global weights, laid out as each rank's local ℓ
         w = torch.zeros_like(loss)
         for r in range(world):
-            idx = _local_layout_rows(case, case, sizes, r)
+            idx = _local_layout_rows(case, sizes, r)
             w[idx] = _weights(idx.shape[0])
         objective = (loss * w).sum()
     objective.backward()
     scale = 1.0 if reduction == "none" else float(world)
     t_total = 0.0
     for r, res in enumerate(results):
-        res = res[layout, case]
         start = sum(sizes[:r])
         rows = slice(start, start + sizes[r])
         if reduction == "none":
-            assert_rel_close(res["loss"], loss.detach()[_local_layout_rows(case, case, sizes, r)], 1e-10,
+            assert_rel_close(res["loss"], loss.detach()[_local_layout_rows(case, sizes, r)], 1e-10,
                              f"rank {r} local losses")
         else:
             assert_rel_close(res["loss"], loss.detach(), 1e-12, f"rank {r} loss")
@@ -313,11 +319,14 @@ def test_loss_and_gradients_equal_single_process(dist_results, case, layout):
     assert_rel_close(t_rank, t.grad, 1e-10, "scalar gradient over the ranks")
 
 
-@pytest.mark.parametrize("layout", ["equal", "uneven"])
 @pytest.mark.parametrize("case", list(STATS_CASES))
-def test_stats_equal_single_process(dist_results, case, layout):
+def test_stats_equal_single_process(dist_results, case):
     world, results = dist_results
-    sizes = _sizes(world, layout)
+    for layout, sizes in LAYOUTS[world].items():
+        _check_stats(results, layout, case, sizes)
+
+
+def _check_stats(results, layout, case, sizes):
     x = _local(_global_inputs(sizes), sizes, None, ())
     _, want = STATS_CASES[case](x, torch.tensor(0.5, dtype=torch.float64), False, BACKEND)
     for r, res in enumerate(results):
@@ -329,26 +338,24 @@ def test_stats_equal_single_process(dist_results, case, layout):
             assert_rel_close(got[key].to(torch.float64), v.to(torch.float64), 1e-10, f"rank {r} {case} {key}")
 
 
-@pytest.mark.parametrize("layout", ["equal", "uneven"])
-def test_ddp_training_equals_single_process(dist_results, layout):
+def test_ddp_training_equals_single_process(dist_results):
     world, results = dist_results
-    sizes = _sizes(world, layout)
-    expected = _train(_Tiny(), _train_batches(sizes), sizes, None, gather=False)
-    for r, res in enumerate(results):
-        for n, p in expected.items():
-            assert_rel_close(res[layout, "ddp"][n], p, 1e-10, f"rank {r} parameter {n}")
-    moved = dict(_Tiny().named_parameters())
-    assert any(not torch.allclose(p, moved[n]) for n, p in expected.items())
+    for layout, sizes in LAYOUTS[world].items():
+        expected = _train(_Tiny(), _train_batches(sizes), sizes, None, gather=False)
+        for r, res in enumerate(results):
+            for n, p in expected.items():
+                assert_rel_close(res[layout, "ddp"][n], p, 1e-10, f"{layout}: rank {r} parameter {n}")
+        moved = dict(_Tiny().named_parameters())
+        assert any(not torch.allclose(p, moved[n]) for n, p in expected.items())
 
 
-@pytest.mark.parametrize("layout", ["equal", "uneven"])
-def test_memory_queue_gathers_all_ranks(dist_results, layout):
+def test_memory_queue_gathers_all_ranks(dist_results):
     world, results = dist_results
-    sizes = _sizes(world, layout)
-    keys = _global_inputs(sizes)["k"].float()
-    for res in results:
-        assert torch.equal(res[layout, "queue"][: sum(sizes)], keys)
-        assert torch.equal(res[layout, "queue"], results[0][layout, "queue"])
+    for layout, sizes in LAYOUTS[world].items():
+        keys = _global_inputs(sizes)["k"].float()
+        for res in results:
+            assert torch.equal(res[layout, "queue"][: sum(sizes)], keys)
+            assert torch.equal(res[layout, "queue"], results[0][layout, "queue"])
 
 
 @pytest.mark.parametrize("what", ["bad_dim", "bad_dtype", "bad_dim_cross", "bad_queue_keys"])
@@ -364,16 +371,18 @@ def test_mismatch_raises_on_every_rank(dist_results, what):
     assert M > 0
 
 
-def test_torch_compile_matches_eager(tmp_path):
-    """torch.compile of nt_xent(gather=True) at W = 2, uneven (one rank empty): eager's loss and
-    gradients (the size exchange graph-breaks; the gather and the operators are traced)."""
-    spawn_with_deadline(_compile_worker, (2, str(tmp_path / "init"), str(tmp_path)), 2, DEADLINE_S)
-    results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+def test_torch_compile_matches_eager(dist_results):
+    """torch.compile (aot_eager) of nt_xent(gather=True) at W = 2, uneven (one rank empty):
+    eager's loss and gradients (the size exchange graph-breaks; the gather and the operators
+    are traced)."""
+    world, results = dist_results
+    if world != 2:
+        pytest.skip("compiled at W = 2 only")
     sizes = LAYOUTS[2]["uneven"]
     x, t, loss, _, _ = _single_process("nt_xent", sizes)
     loss.backward()
     for r, res in enumerate(results):
-        got = res
+        got = res["compiled"]
         assert_rel_close(got["loss"], loss.detach(), 1e-12, f"rank {r} compiled loss")
         start = sum(sizes[:r])
         for n in ("z1", "z2"):
