@@ -49,11 +49,18 @@ def register_operators(forward_op, backward_op) -> None:
     def _backward_fake(u, temperature, labels, rows_per_view, lse, grad_lse, grad_pos):
         return torch.empty_like(u, memory_format=torch.contiguous_format)
 
+    _register_autograd(forward_op, backward_op)
+
+
+def _register_autograd(forward_op, backward_op) -> None:
+    """The one autograd formula of the self family's operator pairs, whose inputs are
+    (u, temperature, labels, *ints) — ints: rows_per_view (and row_start, row_stop)."""
+
     def setup_context(ctx, inputs, output):
-        u, temperature, labels, rows_per_view = inputs
+        u, temperature, labels, *ints = inputs
         lse, pos_sum, _, expected_logit, _ = output
         ctx.save_for_backward(u, temperature, labels, lse, pos_sum, expected_logit)
-        ctx.rows_per_view = rows_per_view
+        ctx.ints = ints
 
     def backward(ctx, grad_lse, grad_pos, _grad_count, _grad_expected, _grad_top1):
         refuse_double_backward()
@@ -62,10 +69,10 @@ def register_operators(forward_op, backward_op) -> None:
         grad_pos = torch.zeros_like(lse) if grad_pos is None else grad_pos
         grad_u = grad_t = None
         if ctx.needs_input_grad[0]:
-            grad_u = backward_op(u, temperature, labels, ctx.rows_per_view, lse, grad_lse, grad_pos)
+            grad_u = backward_op(u, temperature, labels, *ctx.ints, lse, grad_lse, grad_pos)
         if ctx.needs_input_grad[1]:
             grad_t = _temperature_grad(grad_lse, grad_pos, expected_logit, pos_sum, temperature)
-        return grad_u, grad_t, None, None
+        return (grad_u, grad_t, None, *(None for _ in ctx.ints))
 
     torch.library.register_autograd(forward_op, backward, setup_context=setup_context)
 
@@ -93,25 +100,7 @@ def register_rows_operators(forward_op, backward_op) -> None:
     def _backward_fake(u, temperature, labels, rows_per_view, row_start, row_stop, lse, grad_lse, grad_pos):
         return torch.empty_like(u, memory_format=torch.contiguous_format)
 
-    def setup_context(ctx, inputs, output):
-        u, temperature, labels, rows_per_view, row_start, row_stop = inputs
-        lse, pos_sum, _, expected_logit, _ = output
-        ctx.save_for_backward(u, temperature, labels, lse, pos_sum, expected_logit)
-        ctx.rows = (rows_per_view, row_start, row_stop)
-
-    def backward(ctx, grad_lse, grad_pos, _grad_count, _grad_expected, _grad_top1):
-        refuse_double_backward()
-        u, temperature, labels, lse, pos_sum, expected_logit = ctx.saved_tensors
-        grad_lse = torch.zeros_like(lse) if grad_lse is None else grad_lse
-        grad_pos = torch.zeros_like(lse) if grad_pos is None else grad_pos
-        grad_u = grad_t = None
-        if ctx.needs_input_grad[0]:
-            grad_u = backward_op(u, temperature, labels, *ctx.rows, lse, grad_lse, grad_pos)
-        if ctx.needs_input_grad[1]:
-            grad_t = _temperature_grad(grad_lse, grad_pos, expected_logit, pos_sum, temperature)
-        return grad_u, grad_t, None, None, None, None
-
-    torch.library.register_autograd(forward_op, backward, setup_context=setup_context)
+    _register_autograd(forward_op, backward_op)
 
 
 if _extension.has_cpu_kernels():
