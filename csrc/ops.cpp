@@ -49,6 +49,17 @@ TORCH_LIBRARY(fastntxent, m) {
   m.def(
       "self_backward(Tensor u, Tensor temperature, Tensor? labels, int rows_per_view, Tensor lse, "
       "Tensor grad_lse, Tensor grad_pos) -> Tensor");
+  // Local-rows form of the self family (docs/distributed.md; csrc/cpu/self_local_rows.cpp): rows
+  // [row_start, row_stop) of u (M, D) against all M columns, the diagonal at the row offset,
+  // labels (M,) global. Forward: the five statistics of those rows, each (row_stop - row_start,).
+  // Backward: ∂L/∂u (M, D) for L = Σ_local grad_lse_i·lse_i + grad_pos_i·pos_sum_i (row and
+  // column side of every tile: the gradient of every global row produced by the local rows).
+  m.def(
+      "self_forward_rows(Tensor u, Tensor temperature, Tensor? labels, int rows_per_view, int row_start, "
+      "int row_stop) -> (Tensor lse, Tensor pos_sum, Tensor pos_count, Tensor expected_logit, Tensor top1)");
+  m.def(
+      "self_backward_rows(Tensor u, Tensor temperature, Tensor? labels, int rows_per_view, int row_start, "
+      "int row_stop, Tensor lse, Tensor grad_lse, Tensor grad_pos) -> Tensor");
 
   // Cross-similarity family (docs/maths.md §2; csrc/cpu/cross_similarity.cpp). Rows q: (M, D),
   // keys k: (N, D), queue: (K, D) extra negatives or None, scale: 0-dim multiplier of the

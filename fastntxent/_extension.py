@@ -30,6 +30,7 @@ def _has_kernel(qualname: str, dispatch_key: str) -> bool:
 _HAS_CPU = LOAD_ERROR is None
 _HAS_CROSS = _has_kernel("fastntxent::cross_forward", "CPU")
 _HAS_CUDA = _has_kernel("fastntxent::self_forward", "CUDA")
+_HAS_LOCAL_ROWS = _has_kernel("fastntxent::self_forward_rows", "CPU")
 
 
 def _archs(text: str) -> tuple:
@@ -49,6 +50,11 @@ def has_cpu_kernels() -> bool:
 def has_cross_kernels() -> bool:
     """The fused CPU kernels of the cross family (info_nce, clip_loss) are in the build."""
     return _HAS_CROSS
+
+
+def has_local_rows_kernels() -> bool:
+    """The CPU kernels of the self family's local-rows form (distributed gather=True) are in the build."""
+    return _HAS_LOCAL_ROWS
 
 
 def has_cuda_kernels() -> bool:

@@ -16,8 +16,9 @@ def _compiling() -> bool:
     return torch.compiler.is_compiling()
 
 
-def check_embeddings(name: str, x, ndim: int = 2) -> torch.Tensor:
-    """`x` must be a floating tensor of rank `ndim` with non-zero extents."""
+def check_embeddings(name: str, x, ndim: int = 2, allow_no_rows: bool = False) -> torch.Tensor:
+    """`x` must be a floating tensor of rank `ndim` with non-zero extents (but the row count
+    when `allow_no_rows`: a rank of a distributed loss may hold no rows)."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() != ndim:
@@ -26,7 +27,7 @@ def check_embeddings(name: str, x, ndim: int = 2) -> torch.Tensor:
         raise TypeError(
             f"{name} has dtype {x.dtype}; supported: float32, float64, bfloat16, float16"
         )
-    if x.numel() == 0:
+    if x.numel() == 0 and not (allow_no_rows and x.shape[-2] == 0 and all(n > 0 for i, n in enumerate(x.shape) if i != x.dim() - 2)):
         raise ValueError(f"{name} must not be empty, got shape {tuple(x.shape)}")
     return x
 
@@ -42,10 +43,10 @@ def check_same_device(**tensors: torch.Tensor) -> None:
             )
 
 
-def check_pair(name_a: str, a, name_b: str, b) -> None:
+def check_pair(name_a: str, a, name_b: str, b, allow_no_rows: bool = False) -> None:
     """Two embedding tensors that must match: same shape, device and dtype."""
-    check_embeddings(name_a, a)
-    check_embeddings(name_b, b)
+    check_embeddings(name_a, a, allow_no_rows=allow_no_rows)
+    check_embeddings(name_b, b, allow_no_rows=allow_no_rows)
     if a.shape != b.shape:
         raise ValueError(f"{name_a} and {name_b} must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
     check_same_device(**{name_a: a, name_b: b})

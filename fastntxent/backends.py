@@ -11,6 +11,8 @@ A family ("self": NT-Xent, multi-view, SupCon; "cross": InfoNCE, CLIP) has one o
 pair with one schema (csrc/ops.cpp, docs/maths.md); every backend provides that pair:
   self:  forward(u, temperature, labels, rows_per_view) -> (lse, pos_sum, pos_count, expected_logit, top1)
          backward(u, temperature, labels, rows_per_view, lse, grad_lse, grad_pos) -> grad_u
+  self_rows: forward(u, temperature, labels, rows_per_view, row_start, row_stop) -> the same five, (r1 − r0,)
+         backward(u, temperature, labels, rows_per_view, row_start, row_stop, lse, grad_lse, grad_pos) -> grad_u (M, D)
   cross: forward(q, k, queue, scale, pos_offset, keys_are_negatives) -> (lse, pos, expected_logit, top1)
          backward(q, k, queue, scale, pos_offset, keys_are_negatives, lse, grad_lse, grad_pos,
                   need_grad_k) -> (grad_q, grad_k)
@@ -26,7 +28,10 @@ import torch
 
 from . import _extension
 
-FAMILIES = ("self", "cross")
+# "self_rows": the self family's local-rows form (rows [r0, r1) against all columns; the
+# distributed losses, docs/distributed.md) — a family of its own, so that a backend without it
+# (the CUDA C++ kernels) is refused by name and gather=True falls back to the full-batch path.
+FAMILIES = ("self", "cross", "self_rows")
 NAMES = ("auto", "cpu", "triton", "cuda", "reference")
 _ALL_FLOATS = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 _FP32_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -74,6 +79,8 @@ def _cpu_unavailable(family: str, device: torch.device) -> Optional[str]:
                 f"({_extension.LOAD_ERROR}); {_REBUILD}")
     if family == "cross" and not _extension.has_cross_kernels():
         return f'backend="cpu": the built fastntxent._C predates the cross family; re{_REBUILD[1:]}'
+    if family == "self_rows" and not _extension.has_local_rows_kernels():
+        return f'backend="cpu": the built fastntxent._C predates the local-rows operators; re{_REBUILD[1:]}'
     return None
 
 
@@ -140,6 +147,8 @@ def _compiled_operators(family: str) -> Operators:
     ops = torch.ops.fastntxent
     if family == "self":
         return Operators(ops.self_forward, ops.self_backward)
+    if family == "self_rows":
+        return Operators(ops.self_forward_rows, ops.self_backward_rows)
     return Operators(ops.cross_forward, ops.cross_backward)
 
 
@@ -148,6 +157,10 @@ def _triton_operators(family: str) -> Operators:
         from ._triton import self_similarity as launcher
 
         return Operators(launcher.self_forward, launcher.self_backward)
+    if family == "self_rows":
+        from ._triton import self_local_similarity as launcher
+
+        return Operators(launcher.self_forward_rows, launcher.self_backward_rows)
     from ._triton import cross_similarity as launcher
 
     return Operators(launcher.cross_forward, launcher.cross_backward)
@@ -157,6 +170,13 @@ def _reference_self_rows(u, temperature, labels, rows_per_view):
     from . import reference
 
     return reference.self_similarity_rows(u.to(accumulation_dtype(u.dtype)), temperature, labels, rows_per_view)
+
+
+def _reference_self_local_rows(u, temperature, labels, rows_per_view, row_start, row_stop):
+    from . import reference
+
+    return reference.self_similarity_local_rows(u.to(accumulation_dtype(u.dtype)), temperature, labels, rows_per_view,
+                                                row_start, row_stop)
 
 
 def _reference_cross_rows(q, k, queue, scale, pos_offset, keys_are_negatives):
@@ -170,6 +190,8 @@ def _reference_cross_rows(q, k, queue, scale, pos_offset, keys_are_negatives):
 def _reference_operators(family: str) -> Operators:
     if family == "self":
         return Operators(_reference_self_rows, None)
+    if family == "self_rows":
+        return Operators(_reference_self_local_rows, None)
     return Operators(_reference_cross_rows, None)
 
 
@@ -177,7 +199,7 @@ BACKENDS = {
     "cpu": Backend("cpu", ("cpu",), _ALL_FLOATS, FAMILIES, False, _cpu_unavailable, _compiled_operators),
     "triton": Backend("triton", ("cuda", "cpu"), _FP32_KERNEL_DTYPES, FAMILIES, True, _triton_unavailable,
                       _triton_operators),
-    "cuda": Backend("cuda", ("cuda",), _FP32_KERNEL_DTYPES, ("self",), True, _cuda_unavailable,
+    "cuda": Backend("cuda", ("cuda",), _FP32_KERNEL_DTYPES, ("self",), True, _cuda_unavailable,  # no self_rows
                     _compiled_operators),
     "reference": Backend("reference", ("cpu", "cuda", "meta"), _ALL_FLOATS, FAMILIES, False,
                          _reference_unavailable, _reference_operators),

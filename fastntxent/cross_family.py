@@ -116,7 +116,7 @@ def info_nce(
     gather=True (torch.distributed): without a queue the keys of all ranks are the negatives;
     the value is the loss over all ranks' queries (see fastntxent.distributed).
     """
-    check_pair("q", q, "k", k)
+    check_pair("q", q, "k", k, allow_no_rows=check_flag("gather", gather))
     if queue is not None:
         if not isinstance(queue, torch.Tensor):
             raise TypeError(f"queue must be a torch.Tensor or None, got {type(queue).__name__}")
@@ -130,8 +130,10 @@ def info_nce(
     tau = as_temperature(temperature, q)
     chosen = backends.resolve("cross", backend, q.device, q.dtype)
     forward = chosen.operators("cross").forward
-    if gather:
-        _dist.require_process_group()
+    layout = None
+    if gather:  # every rank's layout, checked before any other collective (a mismatch: ValueError everywhere)
+        layout = _dist.exchange_layout(q, "q, k", queue=queue is not None, grad_k=k.requires_grad,
+                                       reduction=("mean", "sum", "none").index(reduction), stats=return_stats)
     # Poisoned as a whole: a non-finite key or queue row is a column of every query.
     refuse_unsupported_autograd(chosen.name, q, k, queue, tau)
     bad = any_nonfinite(q, k, queue) | bad_scalar(tau)
@@ -152,10 +154,10 @@ def info_nce(
     M = q.shape[0]
     keys, offset, global_rows = uk, 0, M
     if gather:
-        global_rows = M * _dist.world_size()
+        global_rows = layout.total
         if keys_are_negatives:
-            keys, offset = _dist.gather_with_grad(uk, "k"), _dist.rank() * M
-            bad = bad | any_nonfinite(keys)
+            keys, offset = _dist.gather_rows(uk, layout), layout.start
+        bad = _dist.all_reduce_sum(bad.to(torch.int32)) > 0  # a bad query or key on any rank poisons all
     scale = 1.0 / tau
     lse, pos, _, top1 = forward(uq, keys, uqueue, scale, offset, keys_are_negatives)
     per_row = lse - pos
@@ -206,14 +208,15 @@ def clip_loss(
     gather=True (torch.distributed): both towers of all ranks are the negatives; the value is
     the loss over the global batch (see fastntxent.distributed).
     """
-    check_pair("a", a, "b", b)
+    check_pair("a", a, "b", b, allow_no_rows=check_flag("gather", gather))
     for name, flag in (("normalize", normalize), ("gather", gather), ("return_stats", return_stats)):
         check_flag(name, flag)
     scale = as_temperature(logit_scale, a, name="logit_scale")
     chosen = backends.resolve("cross", backend, a.device, a.dtype)
     forward = chosen.operators("cross").forward
+    layout = None
     if gather:
-        _dist.require_process_group()
+        layout = _dist.exchange_layout(a, "a, b", grad=a.requires_grad + 2 * b.requires_grad, stats=return_stats)
     refuse_unsupported_autograd(chosen.name, a, b, scale)
     bad = any_nonfinite(a, b) | bad_scalar(scale)
     a, b = poison_gradient(a, bad), poison_gradient(b, bad)
@@ -223,8 +226,8 @@ def clip_loss(
     M = a.shape[0]
     all_a, all_b, offset, global_rows = ua, ub, 0, M
     if gather:
-        all_a, all_b = _dist.gather_with_grad(ua, "a"), _dist.gather_with_grad(ub, "b")
-        offset, global_rows = _dist.rank() * M, M * _dist.world_size()
+        all_a, all_b = _dist.gather_rows(ua, layout), _dist.gather_rows(ub, layout)
+        offset, global_rows = layout.start, layout.total
         bad = bad | any_nonfinite(all_a, all_b)
     lse_ab, pos_ab, _, top1_ab = forward(ua, all_b, None, scale, offset, True)  # rows: a → b
     lse_ba, pos_ba, _, top1_ba = forward(ub, all_a, None, scale, offset, True)  # columns: b → a
@@ -246,6 +249,6 @@ def clip_loss(
             "logit_scale": scale.detach(),
             **health_stats(loss, torch.full((), math.log(global_rows), dtype=loss.dtype, device=a.device),
                            torch.full((), 1.0 / global_rows, dtype=loss.dtype, device=a.device),
-                           sums["pos"] / global_rows, (ua, ub), normalize),
+                           sums["pos"] / global_rows, (all_a, all_b), normalize),
         }
     return loss, {key: poison(v, bad) for key, v in stats.items()}

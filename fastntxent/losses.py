@@ -168,7 +168,8 @@ class MemoryQueue(nn.Module):
     `.keys`: (size, dim) detached view of the stored keys, to pass as `queue=`.
     `.enqueue(keys)`: after the loss, writes the (detached) keys over the oldest entries;
     when torch.distributed is initialised (and gather is not False) the keys of all ranks are
-    gathered first, so every rank's queue stays identical.
+    gathered first (any count per rank, 0 included, in rank order; a dim or dtype that differs
+    across ranks raises ValueError on every rank), so every rank's queue stays identical.
     """
 
     def __init__(self, dim: int, size: int, *, dtype: torch.dtype = torch.float32, gather: bool | None = None):

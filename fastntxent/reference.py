@@ -23,15 +23,26 @@ def self_similarity_rows(u: torch.Tensor, temperature: torch.Tensor, labels: tor
     u: (M, D) rows, temperature: 0-dim, labels: (M,) int or None (label(i) = i mod
     rows_per_view). Returns (lse, pos_sum, pos_count, expected_logit, top1), each (M,) in u's
     dtype — the quantities the fused operators produce (same signature)."""
+    return self_similarity_local_rows(u, temperature, labels, rows_per_view, 0, u.shape[0])
+
+
+def self_similarity_local_rows(u: torch.Tensor, temperature: torch.Tensor, labels: torch.Tensor | None,
+                               rows_per_view: int, row_start: int, row_stop: int):
+    """The local-rows form (docs/distributed.md): rows [row_start, row_stop) of u (M, D) against
+    all M columns, the diagonal excluded at the row offset (column row_start + r of local row r),
+    positives from the global labels (M,) or label(i) = i mod rows_per_view of the global index.
+    Returns the five statistics of those rows, each (row_stop − row_start,). Autograd through it
+    gives the gradient of every global row (row and column side) produced by these rows only."""
     M = u.shape[0]
     if labels is None:
         labels = implicit_labels(M, rows_per_view, u.device)
-    s = (u @ u.T) / temperature
-    self_mask = torch.eye(M, dtype=torch.bool, device=u.device)
+    rows = torch.arange(row_start, row_stop, device=u.device)
+    s = (u[row_start:row_stop] @ u.T) / temperature
+    self_mask = rows[:, None] == torch.arange(M, device=u.device)[None, :]
     # A large finite fill (not -inf) keeps gradients finite when a row has no other column.
     s_others = s.masked_fill(self_mask, torch.finfo(s.dtype).min)
     lse = torch.logsumexp(s_others, dim=1)
-    pos = (labels[:, None] == labels[None, :]) & ~self_mask
+    pos = (labels[row_start:row_stop, None] == labels[None, :]) & ~self_mask
     pos_sum = (s * pos).sum(1)
     pos_count = pos.sum(1).to(u.dtype)
     p = torch.softmax(s_others, dim=1).masked_fill(self_mask, 0)

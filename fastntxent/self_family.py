@@ -29,7 +29,8 @@ from .row_math import accumulation_dtype, any_nonfinite, normalize_rows, poison,
 from ._validation import (Scalar, as_temperature, bad_scalar, check_embeddings, check_flag, check_labels,
                           check_pair, check_reduction, check_same_device, refuse_double_backward, refuse_unsupported_autograd)
 
-__all__ = ["nt_xent", "multiview_nt_xent", "supcon", "self_similarity_loss", "register_operators"]
+__all__ = ["nt_xent", "multiview_nt_xent", "supcon", "self_similarity_loss", "register_operators",
+           "register_rows_operators"]
 
 
 # ---------------------------------------------------------------------------------------
@@ -48,11 +49,18 @@ def register_operators(forward_op, backward_op) -> None:
     def _backward_fake(u, temperature, labels, rows_per_view, lse, grad_lse, grad_pos):
         return torch.empty_like(u, memory_format=torch.contiguous_format)
 
+    _register_autograd(forward_op, backward_op)
+
+
+def _register_autograd(forward_op, backward_op) -> None:
+    """The one autograd formula of the self family's operator pairs, whose inputs are
+    (u, temperature, labels, *ints) — ints: rows_per_view (and row_start, row_stop)."""
+
     def setup_context(ctx, inputs, output):
-        u, temperature, labels, rows_per_view = inputs
+        u, temperature, labels, *ints = inputs
         lse, pos_sum, _, expected_logit, _ = output
         ctx.save_for_backward(u, temperature, labels, lse, pos_sum, expected_logit)
-        ctx.rows_per_view = rows_per_view
+        ctx.ints = ints
 
     def backward(ctx, grad_lse, grad_pos, _grad_count, _grad_expected, _grad_top1):
         refuse_double_backward()
@@ -61,45 +69,79 @@ def register_operators(forward_op, backward_op) -> None:
         grad_pos = torch.zeros_like(lse) if grad_pos is None else grad_pos
         grad_u = grad_t = None
         if ctx.needs_input_grad[0]:
-            grad_u = backward_op(u, temperature, labels, ctx.rows_per_view, lse, grad_lse, grad_pos)
+            grad_u = backward_op(u, temperature, labels, *ctx.ints, lse, grad_lse, grad_pos)
         if ctx.needs_input_grad[1]:
-            grad_t = -((grad_lse * expected_logit + grad_pos * pos_sum).sum() / temperature).to(temperature.dtype)
-        return grad_u, grad_t, None, None
+            grad_t = _temperature_grad(grad_lse, grad_pos, expected_logit, pos_sum, temperature)
+        return (grad_u, grad_t, None, *(None for _ in ctx.ints))
 
     torch.library.register_autograd(forward_op, backward, setup_context=setup_context)
 
 
+def _temperature_grad(grad_lse, grad_pos, expected_logit, pos_sum, temperature):
+    """∂L/∂τ = −Σ_i (grad_lse_i·expected_logit_i + grad_pos_i·pos_sum_i)/τ over the operator's rows."""
+    return -((grad_lse * expected_logit + grad_pos * pos_sum).sum() / temperature).to(temperature.dtype)
+
+
+def register_rows_operators(forward_op, backward_op) -> None:
+    """Fake kernels and autograd for a backend's local-rows operator pair (docs/distributed.md):
+
+    forward(u, temperature, labels, rows_per_view, row_start, row_stop) -> the five statistics of
+        rows [row_start, row_stop) of u (M, D) against all M columns, each (row_stop − row_start,);
+    backward(u, temperature, labels, rows_per_view, row_start, row_stop, lse, grad_lse, grad_pos)
+        -> ∂L/∂u (M, D): the gradient of every row of u produced by the local rows' statistics.
+    """
+
+    @torch.library.register_fake(forward_op)
+    def _forward_fake(u, temperature, labels, rows_per_view, row_start, row_stop):
+        rows = u.new_empty((row_stop - row_start,), dtype=accumulation_dtype(u.dtype))
+        return tuple(torch.empty_like(rows) for _ in range(5))
+
+    @torch.library.register_fake(backward_op)
+    def _backward_fake(u, temperature, labels, rows_per_view, row_start, row_stop, lse, grad_lse, grad_pos):
+        return torch.empty_like(u, memory_format=torch.contiguous_format)
+
+    _register_autograd(forward_op, backward_op)
+
+
 if _extension.has_cpu_kernels():
     register_operators(torch.ops.fastntxent.self_forward.default, torch.ops.fastntxent.self_backward.default)
+if _extension.has_local_rows_kernels():
+    register_rows_operators(torch.ops.fastntxent.self_forward_rows.default,
+                            torch.ops.fastntxent.self_backward_rows.default)
 
 
 # ---------------------------------------------------------------------------------------
 # Losses
 # ---------------------------------------------------------------------------------------
-def _stats(u, tau, pos_sum, pos_count, top1, has_pos, loss, normalized: bool) -> dict:
+def _stats(u, tau, pos_sum, pos_count, top1, has_pos, loss, normalized: bool, rows: slice = slice(None),
+           total=lambda x: x) -> dict:
     """Top-1 accuracy, mean positive / negative cosine and the health statistics
-    (fastntxent.health), from the kernels' row outputs: O(M·D), tensors, no host sync."""
+    (fastntxent.health), from the kernels' row outputs: O(M·D), tensors, no host sync.
+    u: all M rows; the row outputs are those of u[rows] (the local rows of a distributed loss,
+    whose sums `total` adds over the ranks)."""
     with torch.no_grad():
         acc = pos_sum.dtype
-        anchors = has_pos.sum().clamp_min(1).to(acc)
         u = u.to(acc)
-        row_cos = u @ u.sum(0) - (u * u).sum(1)  # Σ_{j≠i} u_i·u_j, O(M·D)
+        mine = u[rows]
         pos_cos = pos_sum * tau.detach()
         M = u.shape[0]
-        pos_pairs = pos_count.sum()
-        neg_pairs = (M * (M - 1) - pos_pairs).clamp_min(1)
         others = max(M - 1, 1)
-        positive_cosine = pos_cos.sum() / pos_pairs.clamp_min(1)
+        row_cos = mine @ u.sum(0) - (mine * mine).sum(1)  # Σ_{j≠i} u_i·u_j, O(M·D)
+        sums = total(torch.stack([has_pos.sum().to(acc), (top1 * has_pos).sum(), pos_cos.sum(), pos_count.sum(),
+                                  row_cos.sum(), ((pos_count / others) * has_pos).sum()]))
+        n_anchors, top1_sum, pos_cos_sum, pos_pairs, row_cos_sum, chance_sum = sums.unbind()
+        anchors = n_anchors.clamp_min(1)
+        neg_pairs = (M * (M - 1) - pos_pairs).clamp_min(1)
+        positive_cosine = pos_cos_sum / pos_pairs.clamp_min(1)
         # Uniform similarities: lse_i = s + ln(M−1) and the positives' mean is s, so every
         # anchor's loss is ln(M−1); a random ranking's top-1 is |P(i)|/(M−1).
         chance = torch.full((), math.log(others), dtype=acc, device=u.device)
-        top1_chance = ((pos_count / others) * has_pos).sum() / anchors
         return {
-            "top1_accuracy": (top1 * has_pos).sum() / anchors,
+            "top1_accuracy": top1_sum / anchors,
             "positive_cosine": positive_cosine,
-            "negative_cosine": (row_cos.sum() - pos_cos.sum()) / neg_pairs,
-            "anchors": has_pos.sum(),
-            **health_stats(loss, chance, top1_chance, positive_cosine, u, normalized),
+            "negative_cosine": (row_cos_sum - pos_cos_sum) / neg_pairs,
+            "anchors": n_anchors.to(torch.int64),
+            **health_stats(loss, chance, chance_sum / anchors, positive_cosine, u, normalized),
         }
 
 
@@ -139,7 +181,7 @@ def self_similarity_loss(
 
 def _warn_if_same_views(z1: torch.Tensor, z2: torch.Tensor) -> None:
     """The two views are one tensor (no augmentation between them): the task is trivial."""
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or z1.numel() == 0:
         return
     if z1 is not z2 and any(torch._C._functorch.is_functorch_wrapped_tensor(t) or t.device.type == "meta"
                             for t in (z1, z2)):
@@ -165,16 +207,18 @@ def nt_xent(
     """SimCLR's NT-Xent. z1, z2: (N, D) two views; row i of z1 and row i of z2 are positives.
 
     The loss averages over the 2N anchors of cat(z1, z2); `reduction="none"` returns (2N,).
-    `gather=True`: loss of all ranks' rows (torch.distributed), see fastntxent.distributed.
+    `gather=True`: loss of all ranks' rows (torch.distributed; any row counts, 0 included): the
+    global z1 / z2 are the concatenations in rank order; "none" returns the local (2N,). See
+    fastntxent.distributed and docs/distributed.md.
     """
-    check_pair("z1", z1, "z2", z2)
+    check_pair("z1", z1, "z2", z2, allow_no_rows=check_flag("gather", gather))
     _warn_if_same_views(z1, z2)
-    if check_flag("gather", gather):
-        from .distributed import gathered_nt_xent
-
-        return gathered_nt_xent(z1, z2, temperature, normalize=normalize, reduction=reduction,
-                                backend=backend, return_stats=return_stats)
     z = torch.cat([z1, z2], dim=0)
+    if gather:
+        from .distributed import gathered_self_loss
+
+        return gathered_self_loss(z, None, 2, temperature, name="z1, z2", normalize=normalize, reduction=reduction,
+                                  backend=backend, return_stats=return_stats)
     return self_similarity_loss(
         z, None, z1.shape[0], temperature, normalize=normalize, reduction=reduction,
         backend=backend, return_stats=return_stats,
@@ -189,14 +233,18 @@ def multiview_nt_xent(
     reduction: str = "mean",
     backend: str = "auto",
     return_stats: bool = False,
+    gather: bool = False,
 ):
     """Multi-view NT-Xent. views: (V, N, D) or a list of V tensors (N, D); the positives of a
-    row are the other V−1 views of its sample. Loss over V·N anchors (view-major)."""
+    row are the other V−1 views of its sample. Loss over V·N anchors (view-major).
+    `gather=True`: loss of all ranks' samples (torch.distributed; any N, 0 included), see
+    fastntxent.distributed; "none" returns the local (V·N,)."""
+    check_flag("gather", gather)
     if isinstance(views, (list, tuple)):
         if len(views) == 0:
             raise ValueError("views must hold at least one view")
         for i, v in enumerate(views):
-            check_embeddings(f"views[{i}]", v)
+            check_embeddings(f"views[{i}]", v, allow_no_rows=gather)
             if v.shape != views[0].shape:
                 raise ValueError(f"views[{i}] has shape {tuple(v.shape)}, views[0] has {tuple(views[0].shape)}")
             if v.dtype != views[0].dtype:
@@ -204,8 +252,14 @@ def multiview_nt_xent(
         check_same_device(**{f"views[{i}]": v for i, v in enumerate(views)})
         views = torch.stack(list(views))
     else:
-        check_embeddings("views", views, ndim=3)
+        check_embeddings("views", views, ndim=3, allow_no_rows=gather)
     n_views, rows_per_view, dim = views.shape
+    if gather:
+        from .distributed import gathered_self_loss
+
+        return gathered_self_loss(views.reshape(n_views * rows_per_view, dim), None, n_views, temperature,
+                                  name="views", normalize=normalize, reduction=reduction, backend=backend,
+                                  return_stats=return_stats)
     return self_similarity_loss(
         views.reshape(n_views * rows_per_view, dim), None, rows_per_view, temperature, normalize=normalize,
         reduction=reduction, backend=backend, return_stats=return_stats,
@@ -226,15 +280,16 @@ def supcon(
     """Supervised contrastive loss (Khosla et al., L_out). z: (M, D), labels: (M,) integer.
 
     Anchors without a positive contribute 0 and are left out of the mean.
-    `gather=True`: loss of all ranks' rows (torch.distributed), see fastntxent.distributed.
+    `gather=True`: loss of all ranks' rows and labels (torch.distributed; any row counts, 0
+    included), see fastntxent.distributed; "none" returns the local (M,).
     """
-    check_embeddings("z", z)
+    check_embeddings("z", z, allow_no_rows=check_flag("gather", gather))
     labels = check_labels(labels, z.shape[0], z.device)
-    if check_flag("gather", gather):
-        from .distributed import gathered_supcon
+    if gather:
+        from .distributed import gathered_self_loss
 
-        return gathered_supcon(z, labels, temperature, normalize=normalize, reduction=reduction,
-                               backend=backend, return_stats=return_stats)
+        return gathered_self_loss(z, labels, 1, temperature, name="z", normalize=normalize, reduction=reduction,
+                                  backend=backend, return_stats=return_stats)
     return self_similarity_loss(
         z, labels, 1, temperature, normalize=normalize, reduction=reduction,
         backend=backend, return_stats=return_stats,
