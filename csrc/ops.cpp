@@ -79,4 +79,21 @@ TORCH_LIBRARY(fastntxent, m) {
   m.def(
       "cross_backward(Tensor q, Tensor k, Tensor? queue, Tensor scale, int pos_offset, bool keys_are_negatives, "
       "Tensor lse, Tensor grad_lse, Tensor grad_pos, bool need_grad_k) -> (Tensor grad_q, Tensor grad_k)");
+
+  // SigLIP's pairwise sigmoid loss (docs/maths.md §6; csrc/cpu/siglip.cpp). Images x: (M, D),
+  // texts y: (N, D), scale t > 0 and bias b: 0-dim; logits ℓ_ij = t·(x_i·y_j) + b, the positive
+  // of row i at column i + pos_offset (0 <= pos_offset, pos_offset + M <= N). With z_ij = ±1
+  // (positive / not) and g_ij = −z_ij σ(−z_ij ℓ_ij) = ∂/∂ℓ_ij [−log σ(z_ij ℓ_ij)], returns (M,)
+  // tensors in the accumulation dtype:
+  //   loss        Σ_j −log σ(z_ij ℓ_ij)
+  //   dlogit_sum  Σ_j g_ij                (∂loss_i/∂b)
+  //   dlogit_cos  Σ_j g_ij (x_i·y_j)      (∂loss_i/∂t)
+  m.def(
+      "siglip_forward(Tensor x, Tensor y, Tensor scale, Tensor bias, int pos_offset) -> "
+      "(Tensor loss, Tensor dlogit_sum, Tensor dlogit_cos)");
+  // (∂L/∂x, ∂L/∂y) for L = Σ_i grad_loss_i·loss_i, in x's / y's dtype; grad_y is zeros (not
+  // computed) when need_grad_y is false.
+  m.def(
+      "siglip_backward(Tensor x, Tensor y, Tensor scale, Tensor bias, int pos_offset, Tensor grad_loss, "
+      "bool need_grad_y) -> (Tensor grad_x, Tensor grad_y)");
 }

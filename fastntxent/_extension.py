@@ -31,6 +31,7 @@ _HAS_CPU = LOAD_ERROR is None
 _HAS_CROSS = _has_kernel("fastntxent::cross_forward", "CPU")
 _HAS_CUDA = _has_kernel("fastntxent::self_forward", "CUDA")
 _HAS_LOCAL_ROWS = _has_kernel("fastntxent::self_forward_rows", "CPU")
+_HAS_SIGLIP = _has_kernel("fastntxent::siglip_forward", "CPU")
 
 
 def _archs(text: str) -> tuple:
@@ -55,6 +56,11 @@ def has_cross_kernels() -> bool:
 def has_local_rows_kernels() -> bool:
     """The CPU kernels of the self family's local-rows form (distributed gather=True) are in the build."""
     return _HAS_LOCAL_ROWS
+
+
+def has_siglip_kernels() -> bool:
+    """The fused CPU kernels of SigLIP's sigmoid loss are in the build."""
+    return _HAS_SIGLIP
 
 
 def has_cuda_kernels() -> bool:

@@ -7,7 +7,7 @@ CUDA tensors → Triton, else the CUDA C++ kernels, else the reference; CPU tens
 C++ kernels, else the reference) or raises a ValueError saying why the requested backend
 cannot run.
 
-A family ("self": NT-Xent, multi-view, SupCon; "cross": InfoNCE, CLIP) has one operator
+A family ("self": NT-Xent, multi-view, SupCon; "cross": InfoNCE, CLIP; "siglip": SigLIP) has one operator
 pair with one schema (csrc/ops.cpp, docs/maths.md); every backend provides that pair:
   self:  forward(u, temperature, labels, rows_per_view) -> (lse, pos_sum, pos_count, expected_logit, top1)
          backward(u, temperature, labels, rows_per_view, lse, grad_lse, grad_pos) -> grad_u
@@ -16,6 +16,8 @@ pair with one schema (csrc/ops.cpp, docs/maths.md); every backend provides that 
   cross: forward(q, k, queue, scale, pos_offset, keys_are_negatives) -> (lse, pos, expected_logit, top1)
          backward(q, k, queue, scale, pos_offset, keys_are_negatives, lse, grad_lse, grad_pos,
                   need_grad_k) -> (grad_q, grad_k)
+  siglip: forward(x, y, scale, bias, pos_offset) -> (loss, dlogit_sum, dlogit_cos)
+          backward(x, y, scale, bias, pos_offset, grad_loss, need_grad_y) -> (grad_x, grad_y)
 A new backend is one row here plus its kernel file.
 """
 from __future__ import annotations
@@ -31,7 +33,7 @@ from . import _extension
 # "self_rows": the self family's local-rows form (rows [r0, r1) against all columns; the
 # distributed losses, docs/distributed.md) — a family of its own, so that a backend without it
 # (the CUDA C++ kernels) is refused by name and gather=True falls back to the full-batch path.
-FAMILIES = ("self", "cross", "self_rows")
+FAMILIES = ("self", "cross", "self_rows", "siglip")
 NAMES = ("auto", "cpu", "triton", "cuda", "reference")
 _ALL_FLOATS = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 _FP32_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -81,6 +83,8 @@ def _cpu_unavailable(family: str, device: torch.device) -> Optional[str]:
         return f'backend="cpu": the built fastntxent._C predates the cross family; re{_REBUILD[1:]}'
     if family == "self_rows" and not _extension.has_local_rows_kernels():
         return f'backend="cpu": the built fastntxent._C predates the local-rows operators; re{_REBUILD[1:]}'
+    if family == "siglip" and not _extension.has_siglip_kernels():
+        return f'backend="cpu": the built fastntxent._C predates the SigLIP kernels; re{_REBUILD[1:]}'
     return None
 
 
@@ -90,7 +94,7 @@ _TRITON_IMPORT: list = []  # [error or None], filled on first use (a plain cache
 def _triton_import_error() -> Optional[str]:
     if not _TRITON_IMPORT:
         try:
-            from ._triton import cross_similarity, self_similarity  # noqa: F401
+            from ._triton import cross_similarity, self_similarity, siglip  # noqa: F401
 
             _TRITON_IMPORT.append(None)
         except ImportError as exc:
@@ -149,6 +153,8 @@ def _compiled_operators(family: str) -> Operators:
         return Operators(ops.self_forward, ops.self_backward)
     if family == "self_rows":
         return Operators(ops.self_forward_rows, ops.self_backward_rows)
+    if family == "siglip":
+        return Operators(ops.siglip_forward, ops.siglip_backward)
     return Operators(ops.cross_forward, ops.cross_backward)
 
 
@@ -161,6 +167,10 @@ def _triton_operators(family: str) -> Operators:
         from ._triton import self_local_similarity as launcher
 
         return Operators(launcher.self_forward_rows, launcher.self_backward_rows)
+    if family == "siglip":
+        from ._triton import siglip as launcher
+
+        return Operators(launcher.siglip_forward, launcher.siglip_backward)
     from ._triton import cross_similarity as launcher
 
     return Operators(launcher.cross_forward, launcher.cross_backward)
@@ -187,11 +197,20 @@ def _reference_cross_rows(q, k, queue, scale, pos_offset, keys_are_negatives):
                                            pos_offset, keys_are_negatives)
 
 
+def _reference_siglip_rows(x, y, scale, bias, pos_offset):
+    from . import reference
+
+    acc = accumulation_dtype(x.dtype)
+    return reference.siglip_rows(x.to(acc), y.to(acc), scale, bias, pos_offset)
+
+
 def _reference_operators(family: str) -> Operators:
     if family == "self":
         return Operators(_reference_self_rows, None)
     if family == "self_rows":
         return Operators(_reference_self_local_rows, None)
+    if family == "siglip":
+        return Operators(_reference_siglip_rows, None)
     return Operators(_reference_cross_rows, None)
 
 

@@ -8,6 +8,7 @@ from torch import nn
 
 from .cross_family import clip_loss, info_nce
 from .self_family import nt_xent, supcon
+from .siglip_family import siglip_loss
 from ._validation import SUPPORTED_DTYPES, check_backend, check_flag, check_positive_number, check_reduction
 
 
@@ -214,3 +215,52 @@ class MemoryQueue(nn.Module):
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, size={self.size}"
+
+
+class SigLipLoss(nn.Module):
+    """SigLIP's pairwise sigmoid loss with a learnable logit scale and bias (Zhai et al. 2023).
+
+    Args: logit_scale (initial t > 0; open_clip: 10), logit_bias (initial b; open_clip: −10),
+    learnable (parameters `log_logit_scale` = log t and `logit_bias`; else fixed floats),
+    normalize, reduction ("mean" over the image rows, "sum", "none"), backend, gather
+    (torch.distributed: local images against all ranks' texts, global loss).
+    Shape: img, txt: (B, D) → scalar, or (B,) for "none".
+    forward(img, txt, logit_scale=None, logit_bias=None): values passed (open_clip's call,
+    `model.logit_scale.exp()`, `model.logit_bias`) are used instead of the module's own.
+    Example:
+        >>> loss = SigLipLoss()(image_features, text_features)
+    """
+
+    def __init__(self, logit_scale: float = 10.0, logit_bias: float = -10.0, *, learnable: bool = True,
+                 normalize: bool = True, reduction: str = "mean", backend: str = "auto", gather: bool = False):
+        super().__init__()
+        logit_scale = check_positive_number("logit_scale", logit_scale)
+        if isinstance(logit_bias, bool) or not isinstance(logit_bias, (int, float)) or not math.isfinite(logit_bias):
+            raise ValueError(f"logit_bias must be a finite float, got {logit_bias!r}")
+        self.learnable = check_flag("learnable", learnable)
+        self.normalize = check_flag("normalize", normalize)
+        self.reduction = check_reduction(reduction)
+        self.backend = check_backend(backend)
+        self.gather = check_flag("gather", gather)
+        if learnable:
+            self.log_logit_scale = nn.Parameter(torch.tensor(math.log(logit_scale)))
+            self.logit_bias = nn.Parameter(torch.tensor(float(logit_bias)))
+        else:
+            self._logit_scale = float(logit_scale)
+            self.logit_bias = float(logit_bias)
+
+    @property
+    def logit_scale(self):
+        """t: a float, or exp(log_logit_scale) (0-dim, with gradient) when learnable."""
+        return self.log_logit_scale.exp() if self.learnable else self._logit_scale
+
+    def forward(self, img: torch.Tensor, txt: torch.Tensor, logit_scale=None, logit_bias=None):
+        scale = self.logit_scale if logit_scale is None else logit_scale
+        bias = self.logit_bias if logit_bias is None else logit_bias
+        return siglip_loss(img, txt, scale, bias, normalize=self.normalize, reduction=self.reduction,
+                           backend=self.backend, gather=self.gather)
+
+    def extra_repr(self) -> str:
+        return (f"logit_scale={_shown(self.logit_scale)}, logit_bias={_shown(self.logit_bias)}, "
+                f"learnable={self.learnable}, normalize={self.normalize}, reduction={self.reduction!r}, "
+                f"backend={self.backend!r}, gather={self.gather}")

@@ -125,3 +125,42 @@ def clip_loss(a: torch.Tensor, b: torch.Tensor, logit_scale, normalize: bool = T
     target = torch.arange(a.shape[0], device=a.device)
     ce = torch.nn.functional.cross_entropy
     return 0.5 * (ce(logits, target) + ce(logits.T, target))
+
+
+# ---------------------------------------------------------------------------------------
+# SigLIP's pairwise sigmoid loss (docs/maths.md §6), materialising the B×N logits.
+
+
+def siglip_rows(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor, pos_offset: int = 0):
+    """Per-row statistics of SigLIP (docs/maths.md §6) from the materialised logits.
+
+    x: (M, D) image rows, y: (N, D) text rows (positive of row i: y[i + pos_offset]), scale t
+    and bias b: 0-dim. With ℓ_ij = t·x_i·y_j + b, z_ij = +1 at the positive, −1 elsewhere and
+    g_ij = ∂/∂ℓ_ij [−log σ(z_ij ℓ_ij)] = −z_ij σ(−z_ij ℓ_ij), returns each (M,):
+    (loss_i = Σ_j −log σ(z_ij ℓ_ij), dlogit_sum_i = Σ_j g_ij, dlogit_cos_i = Σ_j g_ij x_i·y_j)
+    — the quantities the fused operators produce (same signature)."""
+    M, N = x.shape[0], y.shape[0]
+    cos = x @ y.T
+    logits = cos * scale + bias
+    z = -torch.ones((M, N), dtype=x.dtype, device=x.device)
+    z[torch.arange(M, device=x.device), torch.arange(M, device=x.device) + pos_offset] = 1
+    loss = -torch.nn.functional.logsigmoid(z * logits).sum(1)
+    g = -z * torch.sigmoid(-z * logits)
+    return loss, g.sum(1), (g * cos).sum(1)
+
+
+def siglip_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale, logit_bias, normalize: bool = True,
+                reduction: str = "mean") -> torch.Tensor:
+    """Literal docs/maths.md §6 SigLIP loss of towers img, txt (B, D), in img's dtype:
+    ℓ = t·img txtᵀ + b, labels 2·I − 1, −Σ_j log σ(labels·ℓ) per image row, then the mean over
+    the B rows ("mean", as open_clip's SigLipLoss), the sum, or the rows ("none")."""
+    if normalize:
+        img, txt = normalize_rows(img), normalize_rows(txt)
+    scale = torch.as_tensor(logit_scale, dtype=img.dtype, device=img.device)
+    bias = torch.as_tensor(logit_bias, dtype=img.dtype, device=img.device)
+    logits = (img @ txt.T) * scale + bias
+    labels = 2 * torch.eye(img.shape[0], dtype=img.dtype, device=img.device) - 1
+    rows = -torch.nn.functional.logsigmoid(labels * logits).sum(1)
+    if reduction == "none":
+        return rows
+    return rows.sum() if reduction == "sum" else rows.mean()

@@ -1,0 +1,185 @@
+// Fused CPU kernels of SigLIP's pairwise sigmoid loss (docs/maths.md §6).
+//
+// Rows are images x (M, D), columns texts y (N, D); logits ℓ_ij = t·(x_i·y_j) + b with the
+// positive of row i at column i + pos_offset (pos_offset ≠ 0 when y holds every rank's texts
+// and x the local images); z_ij = +1 there, −1 elsewhere. Per pair, with m = z·ℓ:
+//   −log σ(m) = softplus(−m) = max(−m, 0) + log1p(e^{−|m|})
+//   g = ∂/∂ℓ = −z·σ(−m),  σ(−m) = e^{−|m|}/(1 + e^{−|m|}) for m ≥ 0, 1/(1 + e^{−|m|}) else
+// (one exp and one log1p, no overflow for any |ℓ|).
+// Forward: each row block streams over column tiles of y (one BLAS product per tile) and sums
+// per row the loss, Σ_j g_ij and Σ_j g_ij·(x_i·y_j) (the last two give ∂t and ∂b for free).
+// No softmax: a tile's contribution is independent of the others, so no running state.
+// Backward, for L = Σ_i w_i·loss_i, G_ij = w_i·g_ij:
+//   ∂L/∂x_i = t·Σ_j G_ij y_j     sweep 1: row blocks of x over tiles of y
+//   ∂L/∂y_j = t·Σ_i G_ij x_i     sweep 2: row blocks of y over tiles of x (transposed tiles)
+// Each sweep recomputes its tiles and owns the output rows it writes: no atomics, no M×N
+// buffer; memory is one tile and one accumulator block per thread plus O(M) statistics.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "tiling.h"
+
+namespace fastntxent {
+namespace {
+
+using cpu::for_each_row_block;
+using cpu::kColBlock;
+using cpu::poisoned;
+using cpu::tile_product;
+
+struct SiglipInputs {
+  at::Tensor x;  // (M, D) contiguous, accumulation dtype
+  at::Tensor y;  // (N, D)
+  double scale, bias;
+  int64_t offset;
+};
+
+bool is_float_type(at::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kBFloat16 || t == at::kHalf;
+}
+
+SiglipInputs prepare_siglip(const at::Tensor& x, const at::Tensor& y, const at::Tensor& scale,
+                            const at::Tensor& bias, int64_t pos_offset) {
+  TORCH_CHECK(x.dim() == 2, "fastntxent: x must be 2-D (M, D), got ", x.dim(), "-D");
+  TORCH_CHECK(y.dim() == 2, "fastntxent: y must be 2-D (N, D), got ", y.dim(), "-D");
+  TORCH_CHECK(x.size(1) == y.size(1), "fastntxent: x and y must have the same D, got ", x.size(1), " and ",
+              y.size(1));
+  TORCH_CHECK(x.device().is_cpu() && y.device().is_cpu(), "fastntxent CPU kernel: x and y must be CPU tensors");
+  TORCH_CHECK(is_float_type(x.scalar_type()) && x.scalar_type() == y.scalar_type(),
+              "fastntxent: x and y must share one of float32, float64, bfloat16, float16; got ", x.scalar_type(),
+              " and ", y.scalar_type());
+  TORCH_CHECK(scale.numel() == 1 && bias.numel() == 1, "fastntxent: scale and bias must hold one value each");
+  TORCH_CHECK(pos_offset >= 0 && pos_offset + x.size(0) <= y.size(0), "fastntxent: pos_offset + M must be <= N, got ",
+              pos_offset, " + ", x.size(0), " > ", y.size(0));
+  const double t = scale.to(at::kCPU).item<double>();
+  const double b = bias.to(at::kCPU).item<double>();
+  TORCH_CHECK_VALUE(std::isfinite(t) && t > 0, "fastntxent: the logit scale must be finite and > 0, got ", t);
+  TORCH_CHECK_VALUE(std::isfinite(b), "fastntxent: the logit bias must be finite, got ", b);
+  const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  return {x.detach().to(acc).contiguous(), y.detach().to(acc).contiguous(), t, b, pos_offset};
+}
+
+// −log σ(z·ℓ) and its derivative g = −z·σ(−z·ℓ) with respect to ℓ, stably.
+template <typename acc_t>
+inline void pair_terms(acc_t logit, bool positive, acc_t& loss, acc_t& g) {
+  const acc_t m = positive ? logit : -logit;
+  const acc_t e = std::exp(-std::abs(m));
+  loss = std::max(-m, acc_t(0)) + std::log1p(e);
+  const acc_t sig = (m >= 0 ? e : acc_t(1)) / (acc_t(1) + e);  // σ(−m)
+  g = positive ? -sig : sig;
+}
+
+template <typename acc_t>
+void siglip_forward_impl(const SiglipInputs& in, acc_t* loss, acc_t* dsum, acc_t* dcos) {
+  const int64_t M = in.x.size(0), N = in.y.size(0);
+  const acc_t t = static_cast<acc_t>(in.scale), b = static_cast<acc_t>(in.bias);
+  for_each_row_block<acc_t>(M, [&](int64_t r0, int64_t nr, std::vector<acc_t>& buf) {
+    const at::Tensor rows = in.x.narrow(0, r0, nr);
+    std::vector<acc_t> l(nr, 0), gs(nr, 0), gc(nr, 0);
+    for (int64_t c0 = 0; c0 < N; c0 += kColBlock) {
+      const int64_t nc = std::min(kColBlock, N - c0);
+      tile_product(buf, rows, in.y.narrow(0, c0, nc));
+      for (int64_t r = 0; r < nr; ++r) {
+        const acc_t* cos = buf.data() + r * nc;
+        const int64_t pc = r0 + r + in.offset - c0;  // the positive's column in this tile
+        acc_t tl = 0, ts = 0, tc = 0;
+        for (int64_t c = 0; c < nc; ++c) {
+          acc_t lo, g;
+          pair_terms(t * cos[c] + b, c == pc, lo, g);
+          tl += lo;
+          ts += g;
+          tc += g * cos[c];
+        }
+        l[r] += tl;
+        gs[r] += ts;
+        gc[r] += tc;
+      }
+    }
+    for (int64_t r = 0; r < nr; ++r) {
+      loss[r0 + r] = l[r];
+      dsum[r0 + r] = gs[r];
+      dcos[r0 + r] = gc[r];
+    }
+  });
+}
+
+// grad[rows of A] = t·Σ_c G(r, c)·B_c over the column tiles of B. transposed = false: A = x,
+// B = y, the positive of row r is column r + off and the weight w_r; transposed = true: A = y,
+// B = x, the positive of row r is column r − off and the weight w_c (the image's).
+template <typename acc_t>
+void siglip_grad_sweep(const SiglipInputs& in, const at::Tensor& A, const at::Tensor& B, const acc_t* w,
+                       bool transposed, at::Tensor& grad) {
+  const int64_t R = A.size(0), C = B.size(0);
+  const acc_t t = static_cast<acc_t>(in.scale), b = static_cast<acc_t>(in.bias);
+  const int64_t off = transposed ? -in.offset : in.offset;
+  for_each_row_block<acc_t>(R, [&](int64_t r0, int64_t nr, std::vector<acc_t>& buf) {
+    const at::Tensor rows = A.narrow(0, r0, nr);
+    at::Tensor acc = grad.narrow(0, r0, nr);
+    acc.zero_();
+    for (int64_t c0 = 0; c0 < C; c0 += kColBlock) {
+      const int64_t nc = std::min(kColBlock, C - c0);
+      const at::Tensor block = B.narrow(0, c0, nc);
+      const at::Tensor tile = tile_product(buf, rows, block);
+      for (int64_t r = 0; r < nr; ++r) {
+        acc_t* h = buf.data() + r * nc;
+        const int64_t pc = r0 + r + off - c0;
+        for (int64_t c = 0; c < nc; ++c) {
+          acc_t lo, g;
+          pair_terms(t * h[c] + b, c == pc, lo, g);
+          h[c] = (transposed ? w[c0 + c] : w[r0 + r]) * g;
+        }
+      }
+      acc.addmm_(tile, block);
+    }
+    acc.mul_(t);
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> siglip_forward_cpu(const at::Tensor& x, const at::Tensor& y,
+                                                                  const at::Tensor& scale, const at::Tensor& bias,
+                                                                  int64_t pos_offset) {
+  at::NoGradGuard no_grad;
+  const SiglipInputs in = prepare_siglip(x, y, scale, bias, pos_offset);
+  const int64_t M = x.size(0);
+  const auto opts = in.x.options();
+  at::Tensor loss = poisoned({M}, opts), dsum = poisoned({M}, opts), dcos = poisoned({M}, opts);
+  AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "siglip_forward_cpu", [&] {
+    siglip_forward_impl<scalar_t>(in, loss.data_ptr<scalar_t>(), dsum.data_ptr<scalar_t>(),
+                                  dcos.data_ptr<scalar_t>());
+  });
+  return {loss, dsum, dcos};
+}
+
+std::tuple<at::Tensor, at::Tensor> siglip_backward_cpu(const at::Tensor& x, const at::Tensor& y,
+                                                       const at::Tensor& scale, const at::Tensor& bias,
+                                                       int64_t pos_offset, const at::Tensor& grad_loss,
+                                                       bool need_grad_y) {
+  at::NoGradGuard no_grad;
+  const SiglipInputs in = prepare_siglip(x, y, scale, bias, pos_offset);
+  const int64_t M = x.size(0);
+  TORCH_CHECK(grad_loss.dim() == 1 && grad_loss.size(0) == M, "fastntxent: grad_loss must have shape (M,)");
+  const auto acc = in.x.scalar_type();
+  const at::Tensor w = grad_loss.to(acc).contiguous();
+  at::Tensor grad_x = poisoned(in.x.sizes(), in.x.options());
+  at::Tensor grad_y = need_grad_y ? poisoned(in.y.sizes(), in.y.options()) : at::zeros_like(in.y);
+  AT_DISPATCH_FLOATING_TYPES(acc, "siglip_backward_cpu", [&] {
+    const scalar_t* wp = w.data_ptr<scalar_t>();
+    siglip_grad_sweep<scalar_t>(in, in.x, in.y, wp, false, grad_x);
+    if (need_grad_y) siglip_grad_sweep<scalar_t>(in, in.y, in.x, wp, true, grad_y);
+  });
+  return {grad_x.to(x.scalar_type()), grad_y.to(y.scalar_type())};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastntxent, CPU, m) {
+  m.impl("siglip_forward", &siglip_forward_cpu);
+  m.impl("siglip_backward", &siglip_backward_cpu);
+}
+
+}  // namespace fastntxent
