@@ -1,4 +1,5 @@
-"""open_clip's `ClipLoss` (open_clip/loss.py), computed by `fastntxent.clip_loss`.
+"""open_clip's `ClipLoss` and `SigLipLoss` (open_clip/loss.py), computed by `fastntxent.clip_loss` /
+`fastntxent.siglip_loss`.
 
     from open_clip.loss import ClipLoss          ->  from fastntxent.compat.open_clip import ClipLoss
 
@@ -21,6 +22,12 @@ local_loss=True with gather_with_grad=False (each rank's gradient stops at the o
 features) and use_horovod=True raise NotImplementedError: fastntxent gathers with
 torch.distributed and its gathers always carry the gradient back.
 `cache_labels` changes nothing in the maths (fastntxent needs no label tensor).
+
+SigLipLoss(cache_labels=False, rank=0, world_size=1, dist_impl=None)(image_features,
+text_features, logit_scale, logit_bias, output_dict=False): −Σ log σ(labels·(t·I Tᵀ + b)) / B,
+features used as given. With world_size > 1 each rank's value and gradients are open_clip's
+(its local images against every rank's texts, divided by the local batch size) for every
+`dist_impl` ("bidir", "shift", "reduce", "gather": the same maths; fastntxent all-gathers).
 """
 from __future__ import annotations
 
@@ -29,9 +36,10 @@ from torch import nn
 
 from .. import distributed as _dist
 from ..cross_family import clip_loss, info_nce
+from ..siglip_family import siglip_loss
 from ._common import mean_grad_over_ranks, scale_grad
 
-__all__ = ["ClipLoss"]
+__all__ = ["ClipLoss", "SigLipLoss"]
 
 
 def _scalar(value, name):
@@ -97,4 +105,36 @@ class ClipLoss(nn.Module):
         if logit_bias is not None:
             logit_bias = _scalar(logit_bias, "logit_bias")
             loss = loss + logit_bias * 0  # softmax is shift-invariant: NaN if the bias is, zero gradient
+        return {"contrastive_loss": loss} if output_dict else loss
+
+
+class SigLipLoss(nn.Module):
+    """open_clip.loss.SigLipLoss with the fused kernels (see the module docstring)."""
+
+    def __init__(self, cache_labels: bool = False, rank: int = 0, world_size: int = 1, dist_impl=None):
+        super().__init__()
+        self.cache_labels = cache_labels
+        self.rank = rank
+        self.world_size = world_size
+        self.dist_impl = dist_impl or "bidir"
+        if self.dist_impl not in ("bidir", "shift", "reduce", "gather"):
+            raise ValueError(f"dist_impl must be one of 'bidir', 'shift', 'reduce', 'gather' or None, got {dist_impl!r}")
+        self.prev_num_logits = 0
+        self.labels = {}
+
+    def forward(self, image_features, text_features, logit_scale, logit_bias, output_dict=False):
+        logit_scale = _scalar(logit_scale, "logit_scale")
+        logit_bias = _scalar(logit_bias, "logit_bias")
+        gather = self.world_size > 1
+        if gather:
+            if not _dist.is_initialized():
+                raise ValueError(f"world_size={self.world_size} needs an initialised torch.distributed process group")
+            if _dist.world_size() != self.world_size or _dist.rank() != self.rank:
+                raise ValueError(f"SigLipLoss(rank={self.rank}, world_size={self.world_size}) but the process group "
+                                 f"has rank {_dist.rank()} of {_dist.world_size()}")
+        # The local rows' sum over the local batch: open_clip's value and, through the gather,
+        # its gradients on every rank.
+        rows = siglip_loss(image_features, text_features, logit_scale, logit_bias, normalize=False,
+                           reduction="none", gather=gather)
+        loss = rows.sum() / image_features.shape[0]
         return {"contrastive_loss": loss} if output_dict else loss
