@@ -63,36 +63,60 @@ SiglipInputs prepare_siglip(const at::Tensor& x, const at::Tensor& y, const at::
   return {x.detach().to(acc).contiguous(), y.detach().to(acc).contiguous(), t, b, pos_offset};
 }
 
-// −log σ(z·ℓ) and its derivative g = −z·σ(−z·ℓ) with respect to ℓ, stably.
+// Per tile, with s = −z·ℓ (ℓ for a negative pair, −ℓ for the positive): −log σ(z·ℓ) = softplus(s)
+// and g = −z·σ(s). The elementwise work runs in ATen's vectorised softplus / sigmoid kernels on
+// thread-local buffers (no allocation per tile); softplus(s) = s above s = 40 (the neglected
+// log1p(e^{−s}) < 5e-18 relative), sigmoid saturates to exactly 0 / 1: nothing overflows.
+constexpr double kSoftplusThreshold = 40.0;
+
 template <typename acc_t>
-inline void pair_terms(acc_t logit, bool positive, acc_t& loss, acc_t& g) {
-  const acc_t m = positive ? logit : -logit;
-  const acc_t e = std::exp(-std::abs(m));
-  loss = std::max(-m, acc_t(0)) + std::log1p(e);
-  const acc_t sig = (m >= 0 ? e : acc_t(1)) / (acc_t(1) + e);  // σ(−m)
-  g = positive ? -sig : sig;
+at::Tensor blob(std::vector<acc_t>& v, int64_t nr, int64_t nc, const at::TensorOptions& opts) {
+  return at::from_blob(v.data(), {nr, nc}, opts);
+}
+
+// s = t·cos + b, then −s at the positives (column r + off of row r, `pos_col(r)` in the tile).
+template <typename acc_t, typename PosCol>
+void flipped_logits(at::Tensor& s, const at::Tensor& cos, acc_t t, acc_t b, int64_t nr, int64_t nc, PosCol pos_col) {
+  at::mul_out(s, cos, t);
+  s.add_(b);
+  acc_t* sp = s.data_ptr<acc_t>();
+  for (int64_t r = 0; r < nr; ++r) {
+    const int64_t pc = pos_col(r);
+    if (pc >= 0 && pc < nc) sp[r * nc + pc] = -sp[r * nc + pc];
+  }
 }
 
 template <typename acc_t>
 void siglip_forward_impl(const SiglipInputs& in, acc_t* loss, acc_t* dsum, acc_t* dcos) {
   const int64_t M = in.x.size(0), N = in.y.size(0);
   const acc_t t = static_cast<acc_t>(in.scale), b = static_cast<acc_t>(in.bias);
+  const auto opts = in.x.options();
   for_each_row_block<acc_t>(M, [&](int64_t r0, int64_t nr, std::vector<acc_t>& buf) {
     const at::Tensor rows = in.x.narrow(0, r0, nr);
+    std::vector<acc_t> s_buf(buf.size()), sp_buf(buf.size()), sig_buf(buf.size());
     std::vector<acc_t> l(nr, 0), gs(nr, 0), gc(nr, 0);
     for (int64_t c0 = 0; c0 < N; c0 += kColBlock) {
       const int64_t nc = std::min(kColBlock, N - c0);
-      tile_product(buf, rows, in.y.narrow(0, c0, nc));
+      const at::Tensor cos = tile_product(buf, rows, in.y.narrow(0, c0, nc));
+      at::Tensor s = blob(s_buf, nr, nc, opts), sp = blob(sp_buf, nr, nc, opts), sig = blob(sig_buf, nr, nc, opts);
+      const auto pos_col = [&](int64_t r) { return r0 + r + in.offset - c0; };
+      flipped_logits(s, cos, t, b, nr, nc, pos_col);
+      at::softplus_out(sp, s, 1.0, kSoftplusThreshold);
+      at::sigmoid_out(sig, s);
       for (int64_t r = 0; r < nr; ++r) {
-        const acc_t* cos = buf.data() + r * nc;
-        const int64_t pc = r0 + r + in.offset - c0;  // the positive's column in this tile
+        const acc_t* cr = buf.data() + r * nc;
+        const acc_t* lr = sp_buf.data() + r * nc;
+        const acc_t* gr = sig_buf.data() + r * nc;
+        const int64_t pc = pos_col(r);
         acc_t tl = 0, ts = 0, tc = 0;
         for (int64_t c = 0; c < nc; ++c) {
-          acc_t lo, g;
-          pair_terms(t * cos[c] + b, c == pc, lo, g);
-          tl += lo;
-          ts += g;
-          tc += g * cos[c];
+          tl += lr[c];
+          ts += gr[c];
+          tc += gr[c] * cr[c];
+        }
+        if (pc >= 0 && pc < nc) {  // g = −σ(s) at the positive: undo its + in the sums
+          ts -= 2 * gr[pc];
+          tc -= 2 * gr[pc] * cr[pc];
         }
         l[r] += tl;
         gs[r] += ts;
@@ -116,21 +140,30 @@ void siglip_grad_sweep(const SiglipInputs& in, const at::Tensor& A, const at::Te
   const int64_t R = A.size(0), C = B.size(0);
   const acc_t t = static_cast<acc_t>(in.scale), b = static_cast<acc_t>(in.bias);
   const int64_t off = transposed ? -in.offset : in.offset;
+  const auto opts = A.options();
   for_each_row_block<acc_t>(R, [&](int64_t r0, int64_t nr, std::vector<acc_t>& buf) {
     const at::Tensor rows = A.narrow(0, r0, nr);
     at::Tensor acc = grad.narrow(0, r0, nr);
     acc.zero_();
+    std::vector<acc_t> s_buf(buf.size());
     for (int64_t c0 = 0; c0 < C; c0 += kColBlock) {
       const int64_t nc = std::min(kColBlock, C - c0);
       const at::Tensor block = B.narrow(0, c0, nc);
-      const at::Tensor tile = tile_product(buf, rows, block);
+      at::Tensor tile = tile_product(buf, rows, block);
+      at::Tensor s = blob(s_buf, nr, nc, opts);
+      const auto pos_col = [&](int64_t r) { return r0 + r + off - c0; };
+      flipped_logits(s, tile, t, b, nr, nc, pos_col);
+      at::sigmoid_out(tile, s);  // the tile becomes G: σ(s), −σ(s) at the positive, times w
+      acc_t* h = buf.data();
       for (int64_t r = 0; r < nr; ++r) {
-        acc_t* h = buf.data() + r * nc;
-        const int64_t pc = r0 + r + off - c0;
-        for (int64_t c = 0; c < nc; ++c) {
-          acc_t lo, g;
-          pair_terms(t * h[c] + b, c == pc, lo, g);
-          h[c] = (transposed ? w[c0 + c] : w[r0 + r]) * g;
+        const int64_t pc = pos_col(r);
+        if (pc >= 0 && pc < nc) h[r * nc + pc] = -h[r * nc + pc];
+        if (!transposed) {
+          const acc_t wr = w[r0 + r];
+          for (int64_t c = 0; c < nc; ++c) h[r * nc + c] *= wr;
+        } else {
+          const acc_t* wc = w + c0;
+          for (int64_t c = 0; c < nc; ++c) h[r * nc + c] *= wc[c];
         }
       }
       acc.addmm_(tile, block);
