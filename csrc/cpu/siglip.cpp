@@ -9,11 +9,11 @@
 // Forward: each row block streams over column tiles of y (one BLAS product per tile) and sums
 // per row the loss, Σ_j g_ij and Σ_j g_ij·(x_i·y_j) (the last two give ∂t and ∂b for free).
 // No softmax: a tile's contribution is independent of the others, so no running state.
-// Backward, for L = Σ_i w_i·loss_i, G_ij = w_i·g_ij:
-//   ∂L/∂x_i = t·Σ_j G_ij y_j     sweep 1: row blocks of x over tiles of y
-//   ∂L/∂y_j = t·Σ_i G_ij x_i     sweep 2: row blocks of y over tiles of x (transposed tiles)
-// Each sweep recomputes its tiles and owns the output rows it writes: no atomics, no M×N
-// buffer; memory is one tile and one accumulator block per thread plus O(M) statistics.
+// Backward, for L = Σ_i w_i·loss_i, G_ij = w_i·g_ij, in one sweep that recomputes each tile once:
+//   ∂L/∂x_i = t·Σ_j G_ij y_j     into the row block's own rows
+//   ∂L/∂y_j = t·Σ_i G_ij x_i     into the thread's own (N, D) partial, summed at the end
+// No atomics, no M×N buffer; memory is one tile per thread, threads × N × D partials and O(M)
+// statistics.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -131,45 +131,46 @@ void siglip_forward_impl(const SiglipInputs& in, acc_t* loss, acc_t* dsum, acc_t
   });
 }
 
-// grad[rows of A] = t·Σ_c G(r, c)·B_c over the column tiles of B. transposed = false: A = x,
-// B = y, the positive of row r is column r + off and the weight w_r; transposed = true: A = y,
-// B = x, the positive of row r is column r − off and the weight w_c (the image's).
+// One sweep for both towers: row blocks of x over the column tiles of y; each tile becomes
+// G (σ(s), −σ(s) at the positive, times w_i) once and feeds ∂x_rows += G·y_cols (rows owned by
+// the block) and ∂y_cols += Gᵀ·x_rows, the latter into the calling thread's own (N, D) partial
+// (no atomics; the partials are summed in thread order at the end, a fixed order for a fixed
+// thread count). Extra memory: threads × N × D.
 template <typename acc_t>
-void siglip_grad_sweep(const SiglipInputs& in, const at::Tensor& A, const at::Tensor& B, const acc_t* w,
-                       bool transposed, at::Tensor& grad) {
-  const int64_t R = A.size(0), C = B.size(0);
+void siglip_backward_impl(const SiglipInputs& in, const acc_t* w, at::Tensor& grad_x, at::Tensor* grad_y) {
+  const int64_t M = in.x.size(0), N = in.y.size(0), D = in.x.size(1);
   const acc_t t = static_cast<acc_t>(in.scale), b = static_cast<acc_t>(in.bias);
-  const int64_t off = transposed ? -in.offset : in.offset;
-  const auto opts = A.options();
-  for_each_row_block<acc_t>(R, [&](int64_t r0, int64_t nr, std::vector<acc_t>& buf) {
-    const at::Tensor rows = A.narrow(0, r0, nr);
-    at::Tensor acc = grad.narrow(0, r0, nr);
+  const auto opts = in.x.options();
+  at::Tensor partial_y;
+  if (grad_y != nullptr) partial_y = at::zeros({at::get_num_threads(), N, D}, opts);
+  for_each_row_block<acc_t>(M, [&](int64_t r0, int64_t nr, std::vector<acc_t>& buf) {
+    const at::Tensor rows = in.x.narrow(0, r0, nr);
+    at::Tensor acc = grad_x.narrow(0, r0, nr);
     acc.zero_();
+    at::Tensor acc_y;
+    if (grad_y != nullptr) acc_y = partial_y.select(0, at::get_thread_num());
     std::vector<acc_t> s_buf(buf.size());
-    for (int64_t c0 = 0; c0 < C; c0 += kColBlock) {
-      const int64_t nc = std::min(kColBlock, C - c0);
-      const at::Tensor block = B.narrow(0, c0, nc);
+    for (int64_t c0 = 0; c0 < N; c0 += kColBlock) {
+      const int64_t nc = std::min(kColBlock, N - c0);
+      const at::Tensor block = in.y.narrow(0, c0, nc);
       at::Tensor tile = tile_product(buf, rows, block);
       at::Tensor s = blob(s_buf, nr, nc, opts);
-      const auto pos_col = [&](int64_t r) { return r0 + r + off - c0; };
+      const auto pos_col = [&](int64_t r) { return r0 + r + in.offset - c0; };
       flipped_logits(s, tile, t, b, nr, nc, pos_col);
-      at::sigmoid_out(tile, s);  // the tile becomes G: σ(s), −σ(s) at the positive, times w
+      at::sigmoid_out(tile, s);
       acc_t* h = buf.data();
       for (int64_t r = 0; r < nr; ++r) {
         const int64_t pc = pos_col(r);
         if (pc >= 0 && pc < nc) h[r * nc + pc] = -h[r * nc + pc];
-        if (!transposed) {
-          const acc_t wr = w[r0 + r];
-          for (int64_t c = 0; c < nc; ++c) h[r * nc + c] *= wr;
-        } else {
-          const acc_t* wc = w + c0;
-          for (int64_t c = 0; c < nc; ++c) h[r * nc + c] *= wc[c];
-        }
+        const acc_t wr = w[r0 + r];
+        for (int64_t c = 0; c < nc; ++c) h[r * nc + c] *= wr;
       }
       acc.addmm_(tile, block);
+      if (grad_y != nullptr) acc_y.narrow(0, c0, nc).addmm_(tile.t(), rows);
     }
     acc.mul_(t);
   });
+  if (grad_y != nullptr) at::sum_out(*grad_y, partial_y, {0}).mul_(t);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> siglip_forward_cpu(const at::Tensor& x, const at::Tensor& y,
@@ -200,9 +201,7 @@ std::tuple<at::Tensor, at::Tensor> siglip_backward_cpu(const at::Tensor& x, cons
   at::Tensor grad_x = poisoned(in.x.sizes(), in.x.options());
   at::Tensor grad_y = need_grad_y ? poisoned(in.y.sizes(), in.y.options()) : at::zeros_like(in.y);
   AT_DISPATCH_FLOATING_TYPES(acc, "siglip_backward_cpu", [&] {
-    const scalar_t* wp = w.data_ptr<scalar_t>();
-    siglip_grad_sweep<scalar_t>(in, in.x, in.y, wp, false, grad_x);
-    if (need_grad_y) siglip_grad_sweep<scalar_t>(in, in.y, in.x, wp, true, grad_y);
+    siglip_backward_impl<scalar_t>(in, w.data_ptr<scalar_t>(), grad_x, need_grad_y ? &grad_y : nullptr);
   });
   return {grad_x.to(x.scalar_type()), grad_y.to(y.scalar_type())};
 }
