@@ -116,20 +116,18 @@ def siglip_loss(
     logit_scale t: a float or 0-dim tensor > 0 (the scale itself, e.g. `log_t.exp()`);
     logit_bias b: a finite float or 0-dim tensor; both may require grad.
     gather=True (torch.distributed): each rank's image rows against every rank's texts, the
-    positive at the rank's offset; the value is the loss of the global batch and the
-    gradients follow fastntxent.distributed's convention. No B×B tensor is stored by the
+    positive at the rank's offset (ranks may hold different row counts); the value is the loss
+    of the global batch and the gradients follow fastntxent.distributed's convention. No B×B tensor is stored by the
     fused backends; float64 inputs are computed in float64, others in float32.
     """
-    check_pair("img", img, "txt", txt)
+    check_pair("img", img, "txt", txt, allow_no_rows=check_flag("gather", gather))
     check_reduction(reduction)
-    for name, flag in (("normalize", normalize), ("gather", gather)):
-        check_flag(name, flag)
+    check_flag("normalize", normalize)
     scale = as_temperature(logit_scale, img, name="logit_scale")
     bias = as_bias(logit_bias, img)
     chosen = backends.resolve("siglip", backend, img.device, img.dtype)
     forward = chosen.operators("siglip").forward
-    if gather:
-        _dist.require_process_group()
+    layout = _dist.exchange_layout(img, "img, txt", grad=txt.requires_grad) if gather else None
     refuse_unsupported_autograd(chosen.name, img, txt, scale, bias)
     bad = any_nonfinite(img, txt) | bad_scalar(scale) | ~torch.isfinite(bias)
     img, txt = poison_gradient(img, bad), poison_gradient(txt, bad)
@@ -139,8 +137,8 @@ def siglip_loss(
     M = img.shape[0]
     cols, offset, global_rows = uy, 0, M
     if gather:
-        cols = _dist.gather_with_grad(uy, "txt")
-        offset, global_rows = _dist.rank() * M, M * _dist.world_size()
+        cols = _dist.gather_rows(uy, layout)
+        offset, global_rows = layout.start, layout.total
         bad = bad | any_nonfinite(cols)
     per_row, _, _ = forward(ux, cols, scale, bias, offset)
     if gather:

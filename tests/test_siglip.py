@@ -333,6 +333,10 @@ def _global_inputs(world: int):
     return [torch.randn(B_LOCAL * world, D_DIST, generator=g, dtype=torch.float64) for _ in range(2)]
 
 
+def _uneven_starts(world: int) -> list:
+    return [sum(range(1, r + 1)) for r in range(world + 1)]
+
+
 def _run(img, txt, gather, reduction, backend):
     x, y = _leaf(img), _leaf(txt)
     t, b = _leaf(torch.tensor(4.0, dtype=torch.float64)), _leaf(torch.tensor(-3.0, dtype=torch.float64))
@@ -351,6 +355,9 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         for backend in ("cpu", "reference"):
             for reduction in ("mean", "sum", "none"):
                 results[backend, reduction] = _run(img[rows], txt[rows], True, reduction, backend)
+        starts = _uneven_starts(world)  # rank r holds r + 1 rows
+        uneven = slice(starts[rank], starts[rank + 1])
+        results["uneven"] = _run(img[uneven], txt[uneven], True, "mean", "cpu")
         if REAL_OPEN_CLIP is not None:  # open_clip's neighbour exchange vs the compat class
             for cls in (REAL_OPEN_CLIP.SigLipLoss, c_open_clip.SigLipLoss):
                 x, y = _leaf(img[rows]), _leaf(txt[rows])
@@ -397,6 +404,20 @@ def test_gather_equals_single_process(dist_results, backend, reduction):
     for name in ("t", "b"):  # "none": the ranks' parts sum to it; else their W-scaled parts average to it
         total = sum(r[name] for r in ranks)
         assert_rel_close(total if reduction == "none" else total / world, single[name], 1e-12, f"grad {name}")
+
+
+def test_gather_with_uneven_rows_equals_single_process(dist_results):
+    world, results = dist_results
+    img, txt = _global_inputs(world)
+    n = _uneven_starts(world)[-1]
+    single = _run(img[:n], txt[:n], False, "mean", "cpu")
+    ranks = [r["uneven"] for r in results]
+    for r in ranks:
+        assert_rel_close(r["loss"], single["loss"], 1e-12, "loss")
+    for name in ("img", "txt"):
+        assert_rel_close(torch.cat([r[name] for r in ranks]) / world, single[name], 1e-12, f"grad {name}")
+    for name in ("t", "b"):
+        assert_rel_close(sum(r[name] for r in ranks) / world, single[name], 1e-12, f"grad {name}")
 
 
 def test_gather_compat_equals_open_clip(dist_results):
