@@ -114,7 +114,9 @@ def flags_for(dtype: str, fp32_precision: str, D: int, capability) -> dict:
         prec = fp32_precision if dtype == "fp32" else "tf32"
         h_bf16 = dtype == "fp16"
     fp32_operands = cast or dtype == "fp32"
-    exact = fp32_operands and prec == "ieee" and capability is not None
+    # tf32x3 (three tf32 MMAs per product, fp32-accurate) holds the same operand splits in
+    # registers as exact fp32: it spilled 68-1700 B in the large tiles, so it takes the small ones.
+    exact = fp32_operands and prec in ("ieee", "tf32x3") and capability is not None
     block_d, d_chunks, block_do = d_blocks(D, fp32=fp32_operands, exact=exact)
     return dict(CAST_F32=cast, PREC=prec, H_BF16=h_bf16, EXACT=exact, BLOCK_D=block_d, D_CHUNKS=d_chunks,
                 BLOCK_DO=block_do)
@@ -125,13 +127,18 @@ def prune_configs(configs, named_args, **kwargs):
     - exact fp32 products (EXACT, on FMA units) keep only the configs with tiles of at most
       64×64 and 4 warps, which hold their operands in registers (the larger ones spill
       kilobytes per thread and take minutes to compile);
+    - a forward with fp32 (tf32) operands and the top-1 statistic keeps the 4-warp configs;
     - a backward (BLOCK_DO given) keeps the configs whose fp32 gradient accumulator
       and score tile fit in registers (`acc_configs`, MAX_BWD_REGS): the wide output chunks
       of the chunked-D backward need 8 warps.
     `EXACT` is not a kernel argument: the launchers pass it through `PREC`/`CAST_F32`."""
-    exact = (kwargs.get("PREC", named_args.get("PREC")) == "ieee"
+    exact = (kwargs.get("PREC", named_args.get("PREC")) in ("ieee", "tf32x3")
              and not INTERPRETING and _fp32_operands(named_args, kwargs))
     kept = exact_configs(configs) if exact else configs
+    if (not exact and not INTERPRETING and kwargs.get("NEED_TOP1", named_args.get("NEED_TOP1"))
+            and _fp32_operands(named_args, kwargs)):
+        # fp32 (tf32) operands with the top-1 statistic: 128x64 on 8 warps spilled 20 B (sm_80)
+        kept = [c for c in kept if c.num_warps <= 4] or kept[-1:]
     block_do = kwargs.get("BLOCK_DO", named_args.get("BLOCK_DO"))
     if block_do is not None and not INTERPRETING and not exact:
         kept = acc_configs(kept, int(block_do), _fp32_operands(named_args, kwargs))
