@@ -99,6 +99,9 @@ DIMS = (128, 512)
 # the odd-size variant, the cross backward with a queue / WRITE_GK), none in the default
 # variant at D = 128. Reported as BASELINE-SPILL, fatal with --fail-on-baseline-spills; any
 # spill not listed here fails. Remove an entry once the kernel is fixed.
+# Removed 2026-12-03 (issue 16): self_fwd nolab D512 bf16/fp16 sm_80 (the short epilogue: 0 B
+# under 3.6 and 3.8) and self_bwd nolab D512 bf16 sm_80 (256-wide output chunks on 8 warps:
+# 0 B under 3.6 and 3.8). The others are not re-verified under both versions yet.
 BASELINE_SPILLS = {
     "cross_bwd_k_kernel inbatch D512 tf32 sm_80",  # 3.6.0: 48 B, 3.8.0: 48 B
     "cross_bwd_k_kernel inbatch+odd D100 bf16 sm_80",  # 3.6.0: 8 B
@@ -119,7 +122,6 @@ BASELINE_SPILLS = {
     "cross_bwd_q_kernel queue+gk+split D128 tf32 sm_90",  # 3.6.0: 196 B, 3.8.0: 304 B
     "cross_fwd_kernel inbatch+odd D100 bf16 sm_80",  # 3.8.0: 8 B
     "cross_fwd_kernel inbatch+odd D100 fp16 sm_80",  # 3.8.0: 8 B
-    "self_bwd_kernel nolab D512 bf16 sm_80",  # 3.6.0: 8 B, 3.8.0: 8 B
     "self_bwd_kernel nolab D512 fp16 sm_80",  # 3.6.0: 8 B, 3.8.0: 8 B
     "self_bwd_kernel nolab D512 tf32 sm_80",  # 3.6.0: 32 B, 3.8.0: 32 B
     "self_bwd_kernel nolab+odd D100 bf16 sm_80",  # 3.6.0: 24 B
@@ -128,10 +130,6 @@ BASELINE_SPILLS = {
     "self_bwd_kernel nolab+odd D100 tf32 sm_80",  # 3.6.0: 8 B, 3.8.0: 12 B
     "self_bwd_kernel nolab+odd D100 tf32 sm_90",  # 3.8.0: 24 B
     "self_fwd_kernel labels+split D128 tf32 sm_80",  # 3.8.0: 8 B
-    # int32 implicit labels (2026-12-03) cost 90 registers less in most variants, but ptxas of
-    # triton 3.6 spills 4 B in this chunked-D one (3.8.0: 0 B); fp16 compiles the same code.
-    "self_fwd_kernel nolab D512 bf16 sm_80",  # 3.6.0: 4 B
-    "self_fwd_kernel nolab D512 fp16 sm_80",  # 3.6.0: (as bf16)
 }
 
 
@@ -316,7 +314,7 @@ def kept_configs(tiles, kernel, dtk, D, target, variant=None):
     dtype, prec32 = DTYPES[dtk]
     cfgs = tiles.FWD_CONFIGS if "fwd" in kernel else tiles.BWD_CONFIGS
     flags = tiles.flags_for(dtype, prec32 or "tf32", D, (target // 10, target % 10))
-    kwargs = dict(PREC=flags["PREC"], CAST_F32=flags["CAST_F32"])
+    kwargs = dict(PREC=flags["PREC"], CAST_F32=flags["CAST_F32"], BLOCK_D=flags["BLOCK_D"])
     if "bwd" in kernel:
         kwargs["BLOCK_DO"] = flags["BLOCK_DO"]
     if variant is not None:

@@ -89,15 +89,16 @@ def cross_fwd_kernel(
                 dots, _b = dot_tile(Q, stride_qm, stride_qd, rows, row_ok, K, stride_km, stride_kd, cols, cols < N,
                                      q, D, BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS, CAST_F32, PREC)
                 x = dots * x_scale
+            x_max = tl.max(x, 1)  # (before the branch: see online_update)
             # Masks only in the last key tile and in the tiles holding a positive (c = r + OFF).
             if (c0 + BLOCK_N > N) | tiles_cross(r0 + OFF, c0, BLOCK_M, BLOCK_N):
                 valid = local[None, :] < N - c0
                 is_pos = (c0 - r0 - OFF) + local[None, :] == rloc[:, None]
                 pos += tl.sum(tl.where(is_pos, x, 0.0), 1) * sc
-                m_i, l_i, ps_i, best, best_pos = online_update(m_i, l_i, ps_i, best, best_pos, x, sc, valid, is_pos,
+                m_i, l_i, ps_i, best, best_pos = online_update(m_i, l_i, ps_i, best, best_pos, x, x_max, sc, valid, is_pos,
                                                                 local, BLOCK_N, True, True, NEED_TOP1, NEED_PS)
             else:
-                m_i, l_i, ps_i, best, best_pos = online_update(m_i, l_i, ps_i, best, best_pos, x, sc, x == x, x != x,
+                m_i, l_i, ps_i, best, best_pos = online_update(m_i, l_i, ps_i, best, best_pos, x, x_max, sc, x == x, x != x,
                                                                 local, BLOCK_N, False, False, NEED_TOP1, NEED_PS)
     if HAS_QUEUE:
         if D_CHUNKS == 1:
@@ -111,12 +112,13 @@ def cross_fwd_kernel(
                 dots, _b = dot_tile(Q, stride_qm, stride_qd, rows, row_ok, QU, stride_um, stride_ud, cols, cols < NQ,
                                      q, D, BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS, CAST_F32, PREC)
                 x = dots * x_scale
+            x_max = tl.max(x, 1)  # (before the branch: see online_update)
             if c0 + BLOCK_N > NQ:  # the last queue tile: columns ≥ NQ masked
-                m_i, l_i, ps_i, best, best_pos = online_update(m_i, l_i, ps_i, best, best_pos, x, sc,
+                m_i, l_i, ps_i, best, best_pos = online_update(m_i, l_i, ps_i, best, best_pos, x, x_max, sc,
                                                                 local[None, :] < NQ - c0, x != x, local, BLOCK_N,
                                                                 True, False, NEED_TOP1, NEED_PS)
             else:
-                m_i, l_i, ps_i, best, best_pos = online_update(m_i, l_i, ps_i, best, best_pos, x, sc, x == x, x != x,
+                m_i, l_i, ps_i, best, best_pos = online_update(m_i, l_i, ps_i, best, best_pos, x, x_max, sc, x == x, x != x,
                                                                 local, BLOCK_N, False, False, NEED_TOP1, NEED_PS)
 
     ln2 = 0.6931471805599453  # back to natural-log units

@@ -127,7 +127,8 @@ def prune_configs(configs, named_args, **kwargs):
     - exact fp32 products (EXACT, on FMA units) keep only the configs with tiles of at most
       64×64 and 4 warps, which hold their operands in registers (the larger ones spill
       kilobytes per thread and take minutes to compile);
-    - a forward with fp32 (tf32) operands and the top-1 statistic keeps the 4-warp configs;
+    - a forward with fp32 (tf32) operands keeps the configs whose row block takes ≤ 64
+      registers per thread, and with the top-1 statistic only the 4-warp ones;
     - a backward (BLOCK_DO given) keeps the configs whose fp32 gradient accumulator
       and score tile fit in registers (`acc_configs`, MAX_BWD_REGS): the wide output chunks
       of the chunked-D backward need 8 warps.
@@ -135,10 +136,14 @@ def prune_configs(configs, named_args, **kwargs):
     exact = (kwargs.get("PREC", named_args.get("PREC")) in ("ieee", "tf32x3")
              and not INTERPRETING and _fp32_operands(named_args, kwargs))
     kept = exact_configs(configs) if exact else configs
-    if (not exact and not INTERPRETING and kwargs.get("NEED_TOP1", named_args.get("NEED_TOP1"))
+    block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
+    if (not exact and not INTERPRETING and "BLOCK_DO" not in kwargs and block_d is not None
             and _fp32_operands(named_args, kwargs)):
-        # fp32 (tf32) operands with the top-1 statistic: 128x64 on 8 warps spilled 20 B (sm_80)
-        kept = [c for c in kept if c.num_warps <= 4] or kept[-1:]
+        # Forward, fp32 (tf32) operands: the row block held across the sweep takes
+        # BLOCK_M·BLOCK_D / threads registers; at 128 (128x32 on 4 warps, D = 128) sm_90
+        # spilled 76-124 B; with the top-1 statistic 128x64 on 8 warps spilled 20 B (sm_80).
+        kept = [c for c in kept if c.kwargs["BLOCK_M"] * int(block_d) <= 64 * 32 * c.num_warps
+                and not (kwargs.get("NEED_TOP1", named_args.get("NEED_TOP1")) and c.num_warps > 4)] or kept[-1:]
     block_do = kwargs.get("BLOCK_DO", named_args.get("BLOCK_DO"))
     if block_do is not None and not INTERPRETING and not exact:
         kept = acc_configs(kept, int(block_do), _fp32_operands(named_args, kwargs))
@@ -231,7 +236,7 @@ def load_rows(A, stride_am, stride_ad, rows, row_ok, D,
 
 
 @triton.jit
-def online_update(m_i, l_i, ps_i, best, best_pos, x, sc, valid, is_pos, local, BLOCK_N: tl.constexpr,
+def online_update(m_i, l_i, ps_i, best, best_pos, x, x_max, sc, valid, is_pos, local, BLOCK_N: tl.constexpr,
                   MASKED: tl.constexpr, HAS_POS: tl.constexpr, NEED_TOP1: tl.constexpr, NEED_PS: tl.constexpr):
     """One column tile into the running row state. The tile's logits **in log2 units** are
     s = x·sc with sc ≥ 0 (x the raw products, sign-corrected by the caller; sc = log2(e)/τ:
@@ -244,13 +249,16 @@ def online_update(m_i, l_i, ps_i, best, best_pos, x, sc, valid, is_pos, local, B
     a row with no valid entry yet keeps m = −inf and l = 0 (the −inf − −inf case is avoided by
     shifting with 0). An interior tile (MASKED false) has every entry valid and pays for no
     mask: the max is taken over x (sc ≥ 0 keeps the order) and each entry costs one max, one
-    FFMA, one exp2 and one add. HAS_POS false: no entry is a positive (`is_pos` is not read)."""
+    FFMA, one exp2 and one add. HAS_POS false: no entry is a positive (`is_pos` is not read).
+    `x_max` = max(x, 1), computed by the caller before it branches on MASKED: the first use of
+    a pipelined warpgroup MMA's result must not sit inside the branch (triton 3.6 fails to
+    compile that on sm_90); it is not read when MASKED."""
     neg_inf = float("-inf")
     if MASKED:
         s_m = tl.where(valid, x * sc, neg_inf)
         t_max = tl.max(s_m, 1)
     else:
-        t_max_x = tl.max(x, 1)
+        t_max_x = x_max
         t_max = t_max_x * sc
     if NEED_TOP1:
         if HAS_POS:
