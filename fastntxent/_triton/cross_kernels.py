@@ -46,11 +46,11 @@ def cross_fwd_kernel(
     rows, row_ok = row_block(pid_m, M, BLOCK_M)
     r0 = pid_m * BLOCK_M  # int32 (row and column counts stay below 2³¹)
     prow = rows + OFF  # the positive key of each row
-    scale = tl.load(SCALE).to(tl.float32) * 1.4426950408889634  # logits in log2 units: one multiply
+    scale = tl.load(SCALE).to(tl.float32)
     q = load_rows(Q, stride_qm, stride_qd, rows, row_ok, D, BLOCK_M, BLOCK_D, D_CHUNKS, CAST_F32)
     n_kt, n_qt = cross_tile_counts(N, NQ, BLOCK_N, IN_BATCH, HAS_QUEUE)
     t_start, t_stop = split_range(n_kt + n_qt, pid_s, n_split)
-    qs, sc, x_scale = sign_fold(q, scale, D_CHUNKS)  # logits (log2 units) = x·sc, sc ≥ 0
+    qs, sc, x_scale = sign_fold(q, scale, D_CHUNKS)  # logits = x·sc, sc ≥ 0
 
     # The positive logit: with in-batch keys taken from the one tile that holds it (the same
     # rounding as the logsumexp terms, so lse ≥ pos); else an fp32 row dot.
@@ -59,9 +59,9 @@ def cross_fwd_kernel(
         pos = scale * row_dot(Q, stride_qm, stride_qd, rows, K, stride_km, stride_kd, prow, row_ok, D,
                                BLOCK_M, BLOCK_D, D_CHUNKS)
     neg_inf = float("-inf")
-    m_i = tl.full((BLOCK_M,), neg_inf, dtype=tl.float32)   # running max of s (log2 units)
-    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)           # Σ exp2(s − m)
-    ps_i = tl.zeros((BLOCK_M,), dtype=tl.float32)          # Σ exp2(s − m)·s (NEED_PS)
+    m_i = tl.full((BLOCK_M,), neg_inf, dtype=tl.float32)   # running max of s
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)           # Σ exp(s − m)
+    ps_i = tl.zeros((BLOCK_M,), dtype=tl.float32)          # Σ exp(s − m)·s (NEED_PS)
     best = tl.full((BLOCK_M,), neg_inf, dtype=tl.float32)  # largest logit so far (NEED_TOP1)
     best_pos = tl.zeros((BLOCK_M,), dtype=tl.float32)      # is that argmax the positive
     if not IN_BATCH:
@@ -121,26 +121,25 @@ def cross_fwd_kernel(
                 m_i, l_i, ps_i, best, best_pos = online_update(m_i, l_i, ps_i, best, best_pos, x, x_max, sc, x == x, x != x,
                                                                 local, BLOCK_N, False, False, NEED_TOP1, NEED_PS)
 
-    ln2 = 0.6931471805599453  # back to natural-log units
     if SPLIT and IN_BATCH:  # the positive's tile may lie in any split: partial sums
-        tl.store(W + 5 * n_split.to(tl.int64) * M + pid_s.to(tl.int64) * M + rows, pos * ln2, mask=row_ok)
+        tl.store(W + 5 * n_split.to(tl.int64) * M + pid_s.to(tl.int64) * M + rows, pos, mask=row_ok)
     else:
-        tl.store(POS + rows, pos * ln2, mask=row_ok & (pid_s == 0))
+        tl.store(POS + rows, pos, mask=row_ok & (pid_s == 0))
     if SPLIT:
         base = W + pid_s.to(tl.int64) * M + rows
         stride_k = n_split.to(tl.int64) * M
-        tl.store(base, m_i * ln2, mask=row_ok)
+        tl.store(base, m_i, mask=row_ok)
         tl.store(base + stride_k, l_i, mask=row_ok)
         if NEED_PS:
-            tl.store(base + 2 * stride_k, ps_i * ln2, mask=row_ok)
+            tl.store(base + 2 * stride_k, ps_i, mask=row_ok)
         if NEED_TOP1:
             tl.store(base + 3 * stride_k, best, mask=row_ok)
             tl.store(base + 4 * stride_k, best_pos, mask=row_ok)
     else:
         l_safe = tl.where(l_i > 0.0, l_i, 1.0)  # every row has a column; guards masked rows
-        tl.store(LSE + rows, m_i * ln2 + tl.log(l_safe), mask=row_ok)
+        tl.store(LSE + rows, m_i + tl.log(l_safe), mask=row_ok)
         if NEED_PS:
-            tl.store(PS_SUM + rows, ps_i / l_safe * ln2, mask=row_ok)
+            tl.store(PS_SUM + rows, ps_i / l_safe, mask=row_ok)
         if NEED_TOP1:
             tl.store(TOP1 + rows, best_pos, mask=row_ok)
 

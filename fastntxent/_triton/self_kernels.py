@@ -49,18 +49,18 @@ def self_fwd_kernel(
 
     rows, row_ok = row_block(pid_m, M, BLOCK_M)
     r0 = pid_m * BLOCK_M  # int32: row and column counts stay below 2³¹ (the launcher's grid check)
-    scale = 1.4426950408889634 / tl.load(TAU).to(tl.float32)  # logits in log2 units: one multiply
+    scale = 1.0 / tl.load(TAU).to(tl.float32)
     lab_r = labels_of(LAB, rows, row_ok, period, -1, HAS_LABELS)
 
     q = load_rows(U, stride_um, stride_ud, rows, row_ok, D, BLOCK_M, BLOCK_D, D_CHUNKS, CAST_F32)
-    q, sc, x_scale = sign_fold(q, scale, D_CHUNKS)  # logits (log2 units) = x·sc, sc ≥ 0
+    q, sc, x_scale = sign_fold(q, scale, D_CHUNKS)  # logits = x·sc, sc ≥ 0
 
     t_start, t_stop = split_range(tl.cdiv(M, BLOCK_N), pid_s, n_split)
 
     neg_inf = float("-inf")
-    m_i = tl.full((BLOCK_M,), neg_inf, dtype=tl.float32)   # running max of s (log2 units)
-    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)           # Σ exp2(s − m)
-    ps_i = tl.zeros((BLOCK_M,), dtype=tl.float32)          # Σ exp2(s − m)·s (NEED_PS)
+    m_i = tl.full((BLOCK_M,), neg_inf, dtype=tl.float32)   # running max of s
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)           # Σ exp(s − m)
+    ps_i = tl.zeros((BLOCK_M,), dtype=tl.float32)          # Σ exp(s − m)·s (NEED_PS)
     pos_i = tl.zeros((BLOCK_M,), dtype=tl.float32)         # Σ_{positives} s
     cnt_i = tl.zeros((BLOCK_M,), dtype=tl.float32)         # |P(i)|
     best = tl.full((BLOCK_M,), neg_inf, dtype=tl.float32)  # max_{j≠i} s_ij so far (NEED_TOP1)
@@ -115,15 +115,14 @@ def self_fwd_kernel(
             m_i, l_i, ps_i, best, best_pos = online_update(m_i, l_i, ps_i, best, best_pos, x, x_max, sc, x == x, pos, local,
                                                             BLOCK_N, False, HAS_LABELS, NEED_TOP1, NEED_PS)
 
-    ln2 = 0.6931471805599453  # back to natural-log units
     if SPLIT:
         base = W + pid_s.to(tl.int64) * M + rows
         stride_k = n_split.to(tl.int64) * M
-        tl.store(base, m_i * ln2, mask=row_ok)
+        tl.store(base, m_i, mask=row_ok)
         tl.store(base + stride_k, l_i, mask=row_ok)
         if NEED_PS:
-            tl.store(base + 2 * stride_k, ps_i * ln2, mask=row_ok)
-        tl.store(base + 3 * stride_k, pos_i * ln2, mask=row_ok)
+            tl.store(base + 2 * stride_k, ps_i, mask=row_ok)
+        tl.store(base + 3 * stride_k, pos_i, mask=row_ok)
         tl.store(base + 4 * stride_k, cnt_i, mask=row_ok)
         if NEED_TOP1:
             tl.store(base + 5 * stride_k, best, mask=row_ok)
@@ -131,11 +130,11 @@ def self_fwd_kernel(
     else:
         any_col = l_i > 0.0  # false only when M == 1
         l_safe = tl.where(any_col, l_i, 1.0)
-        lse = tl.where(any_col, m_i * ln2 + tl.log(l_safe), neg_inf)
+        lse = tl.where(any_col, m_i + tl.log(l_safe), neg_inf)
         tl.store(LSE + rows, lse, mask=row_ok)
         if NEED_PS:
-            tl.store(PS_SUM + rows, tl.where(any_col, ps_i / l_safe * ln2, 0.0), mask=row_ok)
-        tl.store(POS_SUM + rows, pos_i * ln2, mask=row_ok)
+            tl.store(PS_SUM + rows, tl.where(any_col, ps_i / l_safe, 0.0), mask=row_ok)
+        tl.store(POS_SUM + rows, pos_i, mask=row_ok)
         tl.store(POS_CNT + rows, cnt_i, mask=row_ok)
         if NEED_TOP1:
             tl.store(TOP1 + rows, best_pos, mask=row_ok)

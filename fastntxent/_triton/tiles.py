@@ -238,18 +238,19 @@ def load_rows(A, stride_am, stride_ad, rows, row_ok, D,
 @triton.jit
 def online_update(m_i, l_i, ps_i, best, best_pos, x, x_max, sc, valid, is_pos, local, BLOCK_N: tl.constexpr,
                   MASKED: tl.constexpr, HAS_POS: tl.constexpr, NEED_TOP1: tl.constexpr, NEED_PS: tl.constexpr):
-    """One column tile into the running row state. The tile's logits **in log2 units** are
-    s = x·sc with sc ≥ 0 (x the raw products, sign-corrected by the caller; sc = log2(e)/τ:
-    one scale, folded into the exp2's FFMA): max-subtracted logsumexp, Σ P·s (NEED_PS) and
-    top-1 (NEED_TOP1: whether the first column reaching the row max is a positive; a later
-    tile must beat it strictly). The row state m, best, ps is in log2 units too.
+    """One column tile into the running row state. The tile's logits are s = x·sc with sc ≥ 0
+    (x the raw products, sign-corrected by the caller; sc = 1/τ or the logit scale): the
+    max-subtracted logsumexp (exp2 domain), Σ P·s (NEED_PS) and top-1 (NEED_TOP1: whether the
+    first column reaching the row max is a positive; a later tile must beat it strictly).
 
     MASKED: only the entries where `valid` count (the diagonal tile, the last column tile);
     invalid entries become −inf (never `other=` values of a load: those would enter the max) and
     a row with no valid entry yet keeps m = −inf and l = 0 (the −inf − −inf case is avoided by
-    shifting with 0). An interior tile (MASKED false) has every entry valid and pays for no
-    mask: the max is taken over x (sc ≥ 0 keeps the order) and each entry costs one max, one
-    FFMA, one exp2 and one add. HAS_POS false: no entry is a positive (`is_pos` is not read).
+    shifting with 0); the row max's own term is exactly exp2(0) = 1, as the backward's
+    exp(s − lse) expects. An interior tile (MASKED false) has every entry valid and pays for
+    no mask: the max is taken over x (sc ≥ 0 keeps the order) and log2(e)·sc is folded into
+    one FFMA, so each entry costs one max, one FFMA, one exp2 and one add. HAS_POS false: no
+    entry is a positive (`is_pos` is not read).
     `x_max` = max(x, 1), computed by the caller before it branches on MASKED: the first use of
     a pipelined warpgroup MMA's result must not sit inside the branch (triton 3.6 fails to
     compile that on sm_90); it is not read when MASKED."""
@@ -274,13 +275,14 @@ def online_update(m_i, l_i, ps_i, best, best_pos, x, x_max, sc, valid, is_pos, l
         best_pos = tl.where(better, t_pos, best_pos)
         best = tl.where(better, t_max, best)
     m_new = tl.maximum(m_i, t_max)
+    log2e = 1.4426950408889634
     if MASKED:
         m_use = tl.where(m_new == neg_inf, 0.0, m_new)
-        p = tl.exp2(s_m - m_use[:, None])  # masked entries: exp2(−inf) = 0
+        p = tl.exp2((s_m - m_use[:, None]) * log2e)  # masked entries: exp2(−inf) = 0
     else:
         m_use = m_new  # every entry valid: finite once the tile is in
-        p = tl.exp2(x * sc - m_use[:, None])
-    alpha = tl.exp2(m_i - m_use)
+        p = tl.exp2(x * (sc * log2e) - (m_use * log2e)[:, None])
+    alpha = tl.exp2((m_i - m_use) * log2e)
     l_i = l_i * alpha + tl.sum(p, 1)
     if NEED_PS:
         if MASKED:
@@ -304,8 +306,8 @@ def col_tile_dot(a, b_ptrs, c_off, n_left, local, d_ok, CAST_F32: tl.constexpr, 
 
 @triton.jit
 def sign_fold(q, scale, D_CHUNKS: tl.constexpr):
-    """(q', sc, x_scale): the forward's operands so that the logits in log2 units are
-    (q'·c)·x_scale·sc with sc ≥ 0. With D in one chunk a negative scale flips the row block
+    """(q', sc, x_scale): the forward's operands so that the logits are (q'·c)·x_scale·sc
+    with sc ≥ 0. With D in one chunk a negative scale flips the row block
     (once per program) and x_scale = 1 (the scale folds into the exp2's FFMA); with chunked D
     the products are scaled by `scale` directly (x_scale = scale, sc = 1)."""
     if D_CHUNKS == 1:
