@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from .tiles import (BWD_CONFIGS, FWD_CONFIGS, prune_configs, accumulate_hb, cross_tile_counts, dot_tile, load_out_tile, load_rows,
-                    online_update, out_columns, row_block, row_dot, row_weights, softmax_weight, split_range, store_grad,
+                    online_tile, out_columns, row_block, row_dot, row_weights, softmax_weight, split_range, store_grad,
                     col_tile_dot, sign_fold, tiles_cross)
 
 
@@ -89,16 +89,16 @@ def cross_fwd_kernel(
                 dots, _b = dot_tile(Q, stride_qm, stride_qd, rows, row_ok, K, stride_km, stride_kd, cols, cols < N,
                                      q, D, BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS, CAST_F32, PREC)
                 x = dots * x_scale
-            x_max = tl.max(x, 1)  # (before the branch: see online_update)
+            x_max = tl.max(x, 1)  # (before the branch: see online_tile)
             # Masks only in the last key tile and in the tiles holding a positive (c = r + OFF).
             if (c0 + BLOCK_N > N) | tiles_cross(r0 + OFF, c0, BLOCK_M, BLOCK_N):
                 valid = local[None, :] < N - c0
                 is_pos = (c0 - r0 - OFF) + local[None, :] == rloc[:, None]
                 pos += tl.sum(tl.where(is_pos, x, 0.0), 1) * sc
-                m_i, l_i, ps_i, best, best_pos = online_update(m_i, l_i, ps_i, best, best_pos, x, x_max, sc, valid, is_pos,
+                m_i, l_i, ps_i, best, best_pos = online_tile(m_i, l_i, ps_i, best, best_pos, x, x_max, sc, valid, is_pos,
                                                                 local, BLOCK_N, True, True, NEED_TOP1, NEED_PS)
             else:
-                m_i, l_i, ps_i, best, best_pos = online_update(m_i, l_i, ps_i, best, best_pos, x, x_max, sc, x == x, x != x,
+                m_i, l_i, ps_i, best, best_pos = online_tile(m_i, l_i, ps_i, best, best_pos, x, x_max, sc, x == x, x != x,
                                                                 local, BLOCK_N, False, False, NEED_TOP1, NEED_PS)
     if HAS_QUEUE:
         if D_CHUNKS == 1:
@@ -112,13 +112,13 @@ def cross_fwd_kernel(
                 dots, _b = dot_tile(Q, stride_qm, stride_qd, rows, row_ok, QU, stride_um, stride_ud, cols, cols < NQ,
                                      q, D, BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS, CAST_F32, PREC)
                 x = dots * x_scale
-            x_max = tl.max(x, 1)  # (before the branch: see online_update)
+            x_max = tl.max(x, 1)  # (before the branch: see online_tile)
             if c0 + BLOCK_N > NQ:  # the last queue tile: columns ≥ NQ masked
-                m_i, l_i, ps_i, best, best_pos = online_update(m_i, l_i, ps_i, best, best_pos, x, x_max, sc,
+                m_i, l_i, ps_i, best, best_pos = online_tile(m_i, l_i, ps_i, best, best_pos, x, x_max, sc,
                                                                 local[None, :] < NQ - c0, x != x, local, BLOCK_N,
                                                                 True, False, NEED_TOP1, NEED_PS)
             else:
-                m_i, l_i, ps_i, best, best_pos = online_update(m_i, l_i, ps_i, best, best_pos, x, x_max, sc, x == x, x != x,
+                m_i, l_i, ps_i, best, best_pos = online_tile(m_i, l_i, ps_i, best, best_pos, x, x_max, sc, x == x, x != x,
                                                                 local, BLOCK_N, False, False, NEED_TOP1, NEED_PS)
 
     if SPLIT and IN_BATCH:  # the positive's tile may lie in any split: partial sums

@@ -18,7 +18,7 @@ element is written by exactly one program (no atomics, deterministic).
 import triton
 import triton.language as tl
 
-from .tiles import (BWD_CONFIGS, FWD_CONFIGS, prune_configs, accumulate_hb, dot_tile, labels_of, load_out_tile, load_rows, online_update,
+from .tiles import (BWD_CONFIGS, FWD_CONFIGS, prune_configs, accumulate_hb, dot_tile, labels_of, load_out_tile, load_rows, online_tile,
                     out_columns, row_block, row_weights, softmax_weight, split_range, store_grad,
                     col_tile_dot, next_phase, periodic_phase, sign_fold, tiles_cross)
 
@@ -87,7 +87,7 @@ def self_fwd_kernel(
             dots, _k = sim_tile(U, stride_um, stride_ud, rows, row_ok, cols, col_ok, q, D,
                                  BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS, CAST_F32, PREC)
             x = dots * x_scale
-        x_max = tl.max(x, 1)  # (before the branch: see online_update)
+        x_max = tl.max(x, 1)  # (before the branch: see online_tile)
         # Masks only where they can change something: the last column tile (columns ≥ M),
         # the tiles crossing the diagonal and, without labels, the tiles holding a positive
         # (c ≡ r mod period). Interior tiles take the mask-free branch.
@@ -100,7 +100,7 @@ def self_fwd_kernel(
             valid = (local[None, :] < M - c0) & ((c0 - r0) + local[None, :] != rloc[:, None])  # c < M, c ≠ r
             lab_c = labels_of(LAB, cols, col_ok, period, -2, HAS_LABELS)  # (implicit: c mod period, per column)
             pos = valid & (lab_r[:, None] == lab_c[None, :])
-            m_i, l_i, ps_i, best, best_pos = online_update(m_i, l_i, ps_i, best, best_pos, x, x_max, sc, valid, pos, local,
+            m_i, l_i, ps_i, best, best_pos = online_tile(m_i, l_i, ps_i, best, best_pos, x, x_max, sc, valid, pos, local,
                                                             BLOCK_N, True, True, NEED_TOP1, NEED_PS)
             pos_i += tl.sum(tl.where(pos, x, 0.0), 1) * sc
             cnt_i += tl.sum(pos.to(tl.float32), 1)
@@ -112,7 +112,7 @@ def self_fwd_kernel(
                 cnt_i += tl.sum(pos.to(tl.float32), 1)
             else:
                 pos = x != x  # no positive in this tile (not read)
-            m_i, l_i, ps_i, best, best_pos = online_update(m_i, l_i, ps_i, best, best_pos, x, x_max, sc, x == x, pos, local,
+            m_i, l_i, ps_i, best, best_pos = online_tile(m_i, l_i, ps_i, best, best_pos, x, x_max, sc, x == x, pos, local,
                                                             BLOCK_N, False, HAS_LABELS, NEED_TOP1, NEED_PS)
 
     if SPLIT:

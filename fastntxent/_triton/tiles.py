@@ -6,7 +6,7 @@ time for sm_80/sm_90 under any Triton version (.ci/compile_triton.py), without t
 
 - `dot_tile`: A[rows] · B[cols]ᵀ as one `tl.dot` (D in one chunk) or a D-chunked loop;
 - `load_rows`: the row block held across the column sweep (one D chunk);
-- `online_update`: one column tile into the running max-subtracted logsumexp (exp2 domain),
+- `online_tile` (`online_update`: its masked all-outputs form): one column tile into the running max-subtracted logsumexp (exp2 domain),
   Σ P·s and the top-1 statistic;
 - `row_dot`: an elementwise fp32 row dot (the MoCo v2 positive logit);
 - the autotune configs, the interpreter's fixed blocks, and `d_blocks`, the D tiling.
@@ -236,7 +236,7 @@ def load_rows(A, stride_am, stride_ad, rows, row_ok, D,
 
 
 @triton.jit
-def online_update(m_i, l_i, ps_i, best, best_pos, x, x_max, sc, valid, is_pos, local, BLOCK_N: tl.constexpr,
+def online_tile(m_i, l_i, ps_i, best, best_pos, x, x_max, sc, valid, is_pos, local, BLOCK_N: tl.constexpr,
                   MASKED: tl.constexpr, HAS_POS: tl.constexpr, NEED_TOP1: tl.constexpr, NEED_PS: tl.constexpr):
     """One column tile into the running row state. The tile's logits are s = x·sc with sc ≥ 0
     (x the raw products, sign-corrected by the caller; sc = 1/τ or the logit scale): the
@@ -290,6 +290,14 @@ def online_update(m_i, l_i, ps_i, best, best_pos, x, x_max, sc, valid, is_pos, l
         else:
             ps_i = ps_i * alpha + tl.sum(p * x, 1) * sc
     return m_new, l_i, ps_i, best, best_pos
+
+
+@triton.jit
+def online_update(m_i, l_i, ps_i, best, best_pos, s, valid, is_pos, local, BLOCK_N: tl.constexpr):
+    """`online_tile` for logits s (natural units) with a mask and every output: the form the
+    local-rows kernels call."""
+    return online_tile(m_i, l_i, ps_i, best, best_pos, s, s, 1.0, valid, is_pos, local, BLOCK_N,
+                       True, True, True, True)
 
 
 @triton.jit
