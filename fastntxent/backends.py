@@ -42,6 +42,19 @@ _FP32_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 class Operators(NamedTuple):
     forward: Callable
     backward: Optional[Callable]  # None: the reference, differentiated by autograd itself
+    selective: bool = False       # forward takes a trailing `outputs` mask (Triton: see below)
+
+    def forward_extra(self, scalar: torch.Tensor, return_stats: bool) -> tuple:
+        """Trailing forward arguments: for a selective forward (Triton) the mask of the optional
+        outputs to compute — top1 only for the statistics, expected_logit only when the
+        temperature / logit scale may need a gradient (conservatively: it requires grad or is
+        wrapped by a torch.func transform); the others stay NaN and cost nothing in the loop."""
+        if not self.selective:
+            return ()
+        needs_grad = scalar.requires_grad
+        if not torch.compiler.is_compiling():  # (dynamo cannot trace the functorch query)
+            needs_grad = needs_grad or torch._C._functorch.is_functorch_wrapped_tensor(scalar)
+        return ((1 if return_stats else 0) | (2 if needs_grad else 0),)
 
 
 @dataclass(frozen=True)
@@ -162,7 +175,7 @@ def _triton_operators(family: str) -> Operators:
     if family == "self":
         from ._triton import self_similarity as launcher
 
-        return Operators(launcher.self_forward, launcher.self_backward)
+        return Operators(launcher.self_forward, launcher.self_backward, selective=True)
     if family == "self_rows":
         from ._triton import self_local_similarity as launcher
 
@@ -173,7 +186,7 @@ def _triton_operators(family: str) -> Operators:
         return Operators(launcher.siglip_forward, launcher.siglip_backward)
     from ._triton import cross_similarity as launcher
 
-    return Operators(launcher.cross_forward, launcher.cross_backward)
+    return Operators(launcher.cross_forward, launcher.cross_backward, selective=True)
 
 
 def _reference_self_rows(u, temperature, labels, rows_per_view):

@@ -41,7 +41,7 @@ def register_operators(forward_op, backward_op) -> None:
     a `torch.library.custom_op` or a C++ `OpOverload`)."""
 
     @torch.library.register_fake(forward_op)
-    def _forward_fake(q, k, queue, scale, pos_offset, keys_are_negatives):
+    def _forward_fake(q, k, queue, scale, pos_offset, keys_are_negatives, *outputs):
         rows = q.new_empty((q.shape[0],), dtype=accumulation_dtype(q.dtype))
         return tuple(torch.empty_like(rows) for _ in range(4))
 
@@ -51,7 +51,9 @@ def register_operators(forward_op, backward_op) -> None:
                 torch.empty_like(k, memory_format=torch.contiguous_format))
 
     def setup_context(ctx, inputs, output):
-        q, k, queue, scale, pos_offset, keys_are_negatives = inputs
+        # (a trailing `outputs` mask of the Triton operator: not differentiable)
+        q, k, queue, scale, pos_offset, keys_are_negatives = inputs[:6]
+        ctx.n_extra = len(inputs) - 6
         lse, pos, expected_logit, _ = output
         ctx.save_for_backward(q, k, queue, scale, lse, pos, expected_logit)
         ctx.pos_offset = pos_offset
@@ -70,7 +72,7 @@ def register_operators(forward_op, backward_op) -> None:
             grad_k = gk if need_k else None
         if ctx.needs_input_grad[3]:
             grad_s = ((grad_lse * expected_logit + grad_pos * pos).sum() / scale).to(scale.dtype)
-        return grad_q, grad_k, None, grad_s, None, None
+        return (grad_q, grad_k, None, grad_s, None, None) + (None,) * ctx.n_extra
 
     torch.library.register_autograd(forward_op, backward, setup_context=setup_context)
 
@@ -129,7 +131,7 @@ def info_nce(
         check_flag(name, flag)
     tau = as_temperature(temperature, q)
     chosen = backends.resolve("cross", backend, q.device, q.dtype)
-    forward = chosen.operators("cross").forward
+    ops = chosen.operators("cross")
     layout = None
     if gather:  # every rank's layout, checked before any other collective (a mismatch: ValueError everywhere)
         layout = _dist.exchange_layout(q, "q, k", queue=queue is not None, grad_k=k.requires_grad,
@@ -159,7 +161,8 @@ def info_nce(
             keys, offset = _dist.gather_rows(uk, layout), layout.start
         bad = _dist.all_reduce_sum(bad.to(torch.int32)) > 0  # a bad query or key on any rank poisons all
     scale = 1.0 / tau
-    lse, pos, _, top1 = forward(uq, keys, uqueue, scale, offset, keys_are_negatives)
+    lse, pos, _, top1 = ops.forward(uq, keys, uqueue, scale, offset, keys_are_negatives,
+                                    *ops.forward_extra(scale, return_stats))
     per_row = lse - pos
     if gather:
         loss = _dist.reduce_local_rows(per_row, reduction, global_rows)
@@ -213,7 +216,8 @@ def clip_loss(
         check_flag(name, flag)
     scale = as_temperature(logit_scale, a, name="logit_scale")
     chosen = backends.resolve("cross", backend, a.device, a.dtype)
-    forward = chosen.operators("cross").forward
+    ops = chosen.operators("cross")
+    extra = ops.forward_extra(scale, return_stats)
     layout = None
     if gather:
         layout = _dist.exchange_layout(a, "a, b", grad=a.requires_grad + 2 * b.requires_grad, stats=return_stats)
@@ -229,8 +233,8 @@ def clip_loss(
         all_a, all_b = _dist.gather_rows(ua, layout), _dist.gather_rows(ub, layout)
         offset, global_rows = layout.start, layout.total
         bad = bad | any_nonfinite(all_a, all_b)
-    lse_ab, pos_ab, _, top1_ab = forward(ua, all_b, None, scale, offset, True)  # rows: a → b
-    lse_ba, pos_ba, _, top1_ba = forward(ub, all_a, None, scale, offset, True)  # columns: b → a
+    lse_ab, pos_ab, _, top1_ab = ops.forward(ua, all_b, None, scale, offset, True, *extra)  # rows: a → b
+    lse_ba, pos_ba, _, top1_ba = ops.forward(ub, all_a, None, scale, offset, True, *extra)  # columns: b → a
     per_row = 0.5 * ((lse_ab - pos_ab) + (lse_ba - pos_ba))
     if gather:
         loss = _dist.reduce_local_rows(per_row, "mean", global_rows)

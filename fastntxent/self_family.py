@@ -41,7 +41,7 @@ def register_operators(forward_op, backward_op) -> None:
     a `torch.library.custom_op` or a C++ `OpOverload`)."""
 
     @torch.library.register_fake(forward_op)
-    def _forward_fake(u, temperature, labels, rows_per_view):
+    def _forward_fake(u, temperature, labels, rows_per_view, *outputs):
         rows = u.new_empty((u.shape[0],), dtype=accumulation_dtype(u.dtype))
         return tuple(torch.empty_like(rows) for _ in range(5))
 
@@ -49,18 +49,21 @@ def register_operators(forward_op, backward_op) -> None:
     def _backward_fake(u, temperature, labels, rows_per_view, lse, grad_lse, grad_pos):
         return torch.empty_like(u, memory_format=torch.contiguous_format)
 
-    _register_autograd(forward_op, backward_op)
+    _register_autograd(forward_op, backward_op, 1)
 
 
-def _register_autograd(forward_op, backward_op) -> None:
+def _register_autograd(forward_op, backward_op, n_ints: int) -> None:
     """The one autograd formula of the self family's operator pairs, whose inputs are
-    (u, temperature, labels, *ints) — ints: rows_per_view (and row_start, row_stop)."""
+    (u, temperature, labels, *ints[, outputs]) — n_ints ints: rows_per_view (and row_start,
+    row_stop), then the Triton forward's optional `outputs` mask."""
 
     def setup_context(ctx, inputs, output):
-        u, temperature, labels, *ints = inputs
+        u, temperature, labels = inputs[:3]
+        ints = inputs[3:3 + n_ints]
         lse, pos_sum, _, expected_logit, _ = output
         ctx.save_for_backward(u, temperature, labels, lse, pos_sum, expected_logit)
         ctx.ints = ints
+        ctx.n_extra = len(inputs) - 3 - n_ints  # a trailing `outputs` mask (Triton): not differentiable
 
     def backward(ctx, grad_lse, grad_pos, _grad_count, _grad_expected, _grad_top1):
         refuse_double_backward()
@@ -72,7 +75,7 @@ def _register_autograd(forward_op, backward_op) -> None:
             grad_u = backward_op(u, temperature, labels, *ctx.ints, lse, grad_lse, grad_pos)
         if ctx.needs_input_grad[1]:
             grad_t = _temperature_grad(grad_lse, grad_pos, expected_logit, pos_sum, temperature)
-        return (grad_u, grad_t, None, *(None for _ in ctx.ints))
+        return (grad_u, grad_t, None, *(None for _ in ctx.ints)) + (None,) * ctx.n_extra
 
     torch.library.register_autograd(forward_op, backward, setup_context=setup_context)
 
@@ -100,7 +103,7 @@ def register_rows_operators(forward_op, backward_op) -> None:
     def _backward_fake(u, temperature, labels, rows_per_view, row_start, row_stop, lse, grad_lse, grad_pos):
         return torch.empty_like(u, memory_format=torch.contiguous_format)
 
-    _register_autograd(forward_op, backward_op)
+    _register_autograd(forward_op, backward_op, 3)
 
 
 if _extension.has_cpu_kernels():
@@ -170,7 +173,8 @@ def self_similarity_loss(
     z = poison_gradient(z, bad)
     u_dtype = chosen.operand_dtype("self", z.dtype)
     u = normalize_rows(z, u_dtype) if normalize else z.to(u_dtype)
-    lse, pos_sum, pos_count, _, top1 = chosen.operators("self").forward(u, tau, labels, rows_per_view)
+    ops = chosen.operators("self")
+    lse, pos_sum, pos_count, _, top1 = ops.forward(u, tau, labels, rows_per_view, *ops.forward_extra(tau, return_stats))
     per_row, has_pos = row_loss(lse, pos_sum, pos_count)
     loss = poison(reduce_rows(per_row, has_pos, reduction), bad, tau)
     if return_stats:

@@ -46,12 +46,18 @@ def test_compile_one_kernel(tmp_path):
         assert col in header
     assert "compile gate: passed" in proc.stdout
     rows = json.loads(out.read_text())["rows"]
-    assert len(rows) == 1
-    r = rows[0]
+    assert sorted(r["variant"] for r in rows) == ["nolab", "nolab+all"]  # the every-config variants
+    r = next(r for r in rows if r["variant"] == "nolab")
+    full = next(r for r in rows if r["variant"] == "nolab+all")
+    assert full["epi_per_sim"] > r["epi_per_sim"]  # top-1 and Σ P·s cost instructions in the loop
     assert r["error"] is None and r["status"] == "ok"
     assert r["kernel"] == "self_fwd_kernel" and r["target"] == 80 and r["fallback"]
     assert 0 < r["regs"] <= 255 and r["shared"] > 0 and r["spill_bytes"] == 0
     assert r["mma"] > 0  # bf16 products on tensor cores (mma.sync on sm_80)
+    # from the SASS: HMMA in the main loop, and the interior-tile epilogue within its budget
+    assert r["sass_hmma"] > 0 and r["loop_mma"] > 0 and r["sass_mufu"] > 0
+    assert 0 < r["epi_per_sim"] <= _gate().EPILOGUE_BUDGET
+    assert r["epi_per_sim_masked"] > r["epi_per_sim"]  # the masked tiles take the longer branch
 
 
 def test_kernel_flags_match_launchers():
@@ -73,7 +79,7 @@ def test_kernel_flags_match_launchers():
                                                      want.d_chunks, want.block_do), (name, prec, D, cap)
                         # exact fp32 products: D chunks of at most 32 (wider ones spill kilobytes)
                         if want.exact and not tiles.INTERPRETING:  # (the interpreter has its own blocks)
-                            assert want.block_d <= tiles.EXACT_CHUNK_D and want.prec == "ieee"
+                            assert want.block_d <= tiles.EXACT_CHUNK_D and want.prec in ("ieee", "tf32x3")
     finally:
         common.set_fp32_precision(None)
 
@@ -110,7 +116,7 @@ def test_exact_fp32_tiling_outside_the_interpreter():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == ["(32,", "4,", "64)", "(32,", "1,", "32)", "2", "7"], out.stdout
+    assert out.stdout.split() == ["(32,", "4,", "64)", "(32,", "1,", "32)", "2", "5"], out.stdout
 
 
 def test_exact_fp32_launches_keep_only_small_configs():
@@ -130,3 +136,69 @@ def test_exact_fp32_launches_keep_only_small_configs():
         assert tiles.prune_configs(configs, {"U": u32}, PREC="tf32", CAST_F32=False) == configs
         assert tiles.prune_configs(configs, {"U": u16}, PREC="tf32", CAST_F32=False) == configs
         assert tiles.prune_configs(configs, {"U": u16}, PREC="ieee", CAST_F32=True) == kept  # sm_75
+
+
+# A loop (head 0x0100, back edge at 0x0190) with a branch around a long block, as the forward's
+# `if special:` compiles: the shortest path skips 0x0130-0x0160.
+_SASS = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+        /*0010*/                   S2R R0, SR_TID.X ;
+        /*0100*/                   HMMA.16816.F32.BF16 R4, R8, R12, R4 ;
+        /*0110*/                   FMNMX R2, R4, R5, !PT ;
+        /*0120*/              @P0 BRA 0x170 ;
+        /*0130*/                   FSEL R3, R4, -INF , P1 ;
+        /*0140*/                   FSEL R3, R5, -INF , P2 ;
+        /*0150*/                   FSEL R3, R6, -INF , P3 ;
+        /*0160*/                   MUFU.EX2 R3, R3 ;
+        /*0170*/                   MUFU.EX2 R2, R2 ;
+        /*0180*/                   ISETP.GE.AND P4, PT, R0, 0x10, PT ;
+        /*0190*/              @!P4 BRA 0x100 ;
+        /*01a0*/                   EXIT ;
+        /*01b0*/                   BRA 0x1b0;
+"""
+
+
+def test_sass_loop_counter_on_a_known_graph():
+    gate = _gate()
+    lc = gate.loop_counts(_SASS)
+    # shortest: HMMA (not counted), FMNMX, BRA, MUFU, ISETP, BRA = 5; longest adds the 4 skipped
+    assert lc["loop_mma"] == 1 and lc["loop_min"] == 5 and lc["loop_max"] == 9 and lc["loop_mufu"] == 2
+    c = gate.sass_counts(_SASS, similarities_per_thread=2)
+    assert c["sass_hmma"] == 1 and c["sass_mufu"] == 2 and c["epi_per_sim"] == 2.5 and c["epi_per_sim_masked"] == 4.5
+    assert gate.loop_counts("/*0000*/ EXIT ;") is None
+
+
+def _row(**kw):
+    row = dict(kernel="self_fwd_kernel", variant="nolab", error=None, target=80, prec="tf32", dtype="bf16",
+               cast_f32=False, d_chunks=1, shared=1000, static_shared=0, spill_bytes=0, n_spills=0, fallback=True,
+               loop_mma=8, epi_per_sim=8.0, D=128, dtype_key="bf16")
+    row.update(kw)
+    return row
+
+
+def test_gate_rules():
+    gate = _gate()
+    assert gate.judge(_row()) == ("ok", False)
+    assert gate.judge(_row(loop_mma=0)) == ("FAIL-NO-MMA", True)              # 16-bit loop on FMA units
+    assert gate.judge(_row(loop_mma=0, cast_f32=True, prec="ieee")) == ("ok", False)  # sm_75 / exact: FMA expected
+    assert gate.judge(_row(epi_per_sim=gate.EPILOGUE_BUDGET + 1)) == ("FAIL-EPILOGUE", True)
+    assert gate.judge(_row(epi_per_sim=99, variant="nolab+all")) == ("ok", False)   # budget: the common case only
+    assert gate.judge(_row(spill_bytes=4)) == ("FAIL-SPILL", True)
+    assert gate.judge(_row(spill_bytes=4, fallback=False)) == ("spills", False)  # reported (see the gate's docstring)
+    assert gate.judge(_row(spill_bytes=4, prec="ieee", dtype="fp32")) == ("KNOWN-SPILL", False)  # exact fp32: open
+    assert gate.judge(_row(spill_bytes=4, prec="ieee", dtype="fp32"), fail_on_ieee_spills=True)[1]
+
+
+def test_backward_pruning_keeps_the_accumulator_in_registers():
+    """tiles.acc_configs (what the gate compiles): wide output chunks keep only 8-warp configs,
+    and the gate's config list is the pruned one."""
+    code = ("import sys; sys.path.insert(0, '.ci'); import compile_triton as g; m = g.load_kernels(); t = m['tiles']; "
+            "print(sorted({c.num_warps for c in t.acc_configs(t.BWD_CONFIGS, 256)}), "
+            "len(t.acc_configs(t.BWD_CONFIGS, 128)) < len(t.BWD_CONFIGS), "
+            "g.kept_configs(t, 'self_bwd_kernel', 'bf16', 512, 80) == "
+            "[t.BWD_CONFIGS.index(c) for c in t.acc_configs(t.BWD_CONFIGS, 256)], "
+            "t.d_blocks(512, False), t.d_blocks(512, True))")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["[8]", "True", "True", "(64,", "8,", "256)", "(64,", "8,", "128)"], out.stdout

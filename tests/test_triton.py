@@ -281,3 +281,62 @@ def test_torch_compile_fullgraph():
     torch.testing.assert_close(loss, eager, rtol=1e-5, atol=1e-6)
     for g, p in zip(grads, (*head.parameters(), t)):
         torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-6)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("splits", [None, 3])
+def test_interior_tiles_selective_outputs_and_negative_temperature(monkeypatch, splits):
+    """Sizes with mask-free interior column tiles (no diagonal, no positive, not the last tile:
+    the interpreter's 32×32 tiles at M = 160 / 210 / 200 with several views) next to the masked
+    ones; each `outputs` mask computes what it asks for and leaves the rest NaN; a negative
+    temperature (the operator's sign fold) still matches the reference."""
+    monkeypatch.setattr(ts, "SPLITS", splits)
+    names = ("lse", "pos_sum", "pos_count", "ps_sum")
+    cases = [(160, 80, None, 0.1, (0, 1, 2, 3)), (210, 70, None, 0.5, (3,)),
+             (200, 1, torch.randint(0, 7, (200,)), 0.2, (0, 3)), (160, 80, None, -0.3, (3,))]
+    for M, period, lab, tau, masks in cases:
+        u = torch.nn.functional.normalize(torch.randn(M, 24), dim=1)
+        ref_lab = lab if lab is not None else reference.implicit_labels(M, period)
+        ref = reference.self_similarity_rows(u.double(), torch.tensor(tau).double(), ref_lab)
+        for outputs in masks:
+            got = ts.self_forward(u, torch.tensor(tau), lab, period, outputs)
+            for name, g, r in zip(names[:3], got[:3], ref[:3]):
+                assert_rel_close(g, r, 1e-5, f"{name} M={M} outputs={outputs}")
+            if outputs & 2:
+                assert_rel_close(got[3], ref[3], 1e-5, f"ps_sum M={M}")
+            else:
+                assert torch.isnan(got[3]).all()
+            if outputs & 1:
+                assert torch.equal(got[4], ref[4].float()), f"top1 M={M}"
+            else:
+                assert torch.isnan(got[4]).all()
+
+
+@needs_interpreter
+def test_loss_asks_only_for_what_it_needs(monkeypatch):
+    """nt_xent passes the outputs mask: no statistics and a fixed τ → 0; return_stats → top1;
+    a τ that requires grad → expected_logit (and its gradient matches the reference)."""
+    seen = []
+    real = ts.self_forward
+
+    def spy(*args):
+        seen.append(args[4] if len(args) > 4 else None)
+        return real(*args)
+
+    import dataclasses
+
+    import fastntxent.backends as backends
+
+    ops = backends.BACKENDS["triton"].operators("self")
+    monkeypatch.setitem(backends.BACKENDS, "triton", dataclasses.replace(
+        backends.BACKENDS["triton"], operators=lambda family: ops._replace(forward=spy)))
+    z1, z2 = torch.randn(40, 8), torch.randn(40, 8)
+    fx.nt_xent(z1, z2, 0.5, backend="triton")
+    fx.nt_xent(z1, z2, 0.5, backend="triton", return_stats=True)
+    tau = torch.tensor(0.5, requires_grad=True)
+    loss = fx.nt_xent(z1, z2, tau, backend="triton")
+    loss.backward()
+    assert seen == [0, 1, 2]
+    tau64 = torch.tensor(0.5, dtype=torch.float64, requires_grad=True)
+    fx.nt_xent(z1.double(), z2.double(), tau64, backend="reference").backward()
+    assert_rel_close(tau.grad, tau64.grad, 1e-5, "dL/dtau")

@@ -253,3 +253,30 @@ def test_cuda_deterministic():
         (fx.info_nce(q, k, queue, 0.1, backend="triton") + fx.clip_loss(q, k, 20.0, backend="triton")).backward()
         grads.append((q.grad.clone(), k.grad.clone()))
     assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
+
+
+@needs_interpreter
+@pytest.mark.parametrize("in_batch,K", [(True, 0), (False, 70), (True, 40)])
+def test_interior_tiles_selective_outputs_and_negative_scale(in_batch, K):
+    """Key tiles without the positive (the interpreter's 32-wide tiles, N = 160, offset 40) take
+    the mask-free branch; each `outputs` mask computes what it asks for, the rest stays NaN;
+    a negative scale (the sign fold) matches the reference too."""
+    M, N, D, off = 64, 160, 20, 40
+    q = torch.nn.functional.normalize(torch.randn(M, D), dim=1)
+    k = torch.nn.functional.normalize(torch.randn(N, D), dim=1)
+    queue = torch.randn(K, D) if K else None
+    for scale, masks in ((5.0, (0, 1, 2, 3)), (-3.0, (3,))):
+        ref = reference.cross_similarity_rows(q.double(), k.double(), None if queue is None else queue.double(),
+                                              torch.tensor(scale).double(), off, in_batch)
+        for outputs in masks:
+            got = tc.cross_forward(q, k, queue, torch.tensor(scale), off, in_batch, outputs)
+            assert_rel_close(got[0], ref[0], 1e-5, f"lse outputs={outputs}")
+            assert_rel_close(got[1], ref[1], 1e-5, f"pos outputs={outputs}")
+            if outputs & 2:
+                assert_rel_close(got[2], ref[2], 1e-5, "expected_logit")
+            else:
+                assert torch.isnan(got[2]).all()
+            if outputs & 1:
+                assert torch.equal(got[3], ref[3].float()), "top1"
+            else:
+                assert torch.isnan(got[3]).all()

@@ -142,6 +142,19 @@ def m_key(M: int) -> int:
     return triton.next_power_of_2(max(M, 1))
 
 
+# The Triton forward operators' `outputs` bit mask: the optional row statistics to compute.
+OUT_TOP1 = 1       # top1 (return_stats)
+OUT_EXPECTED = 2   # expected_logit (the temperature / logit scale needs a gradient)
+OUT_ALL = OUT_TOP1 | OUT_EXPECTED
+
+
+def output_flags(outputs: int) -> dict:
+    """The forward kernels' constexpr flags for an `outputs` mask."""
+    if not 0 <= outputs <= OUT_ALL:
+        raise ValueError(f"fastntxent triton: outputs must be a mask of OUT_TOP1 | OUT_EXPECTED, got {outputs}")
+    return dict(NEED_TOP1=bool(outputs & OUT_TOP1), NEED_PS=bool(outputs & OUT_EXPECTED))
+
+
 def poisoned(shape, device, dtype=torch.float32) -> torch.Tensor:
     """NaN-filled output: an element that no program writes cannot pass as a number."""
     shape = (shape,) if isinstance(shape, int) else tuple(shape)

@@ -22,10 +22,13 @@ import triton
 import triton.language as tl
 
 from .tiles import (BWD_CONFIGS, FWD_CONFIGS, prune_configs, accumulate_hb, cross_tile_counts, dot_tile, load_out_tile, load_rows,
-                    online_update, out_columns, row_block, row_dot, row_weights, softmax_weight, split_range, store_grad)
+                    online_tile, out_columns, row_block, row_dot, row_weights, softmax_weight, split_range, store_grad,
+                    col_tile_dot, sign_fold, tiles_cross)
 
 
-@triton.autotune(configs=FWD_CONFIGS, key=["M_KEY", "C_KEY", "D", "PREC", "IN_BATCH", "HAS_QUEUE", "SPLIT"], prune_configs_by={"early_config_prune": prune_configs})
+@triton.autotune(configs=FWD_CONFIGS, key=["M_KEY", "C_KEY", "D", "PREC", "IN_BATCH", "HAS_QUEUE", "SPLIT",
+                                           "NEED_TOP1", "NEED_PS"],
+                 prune_configs_by={"early_config_prune": prune_configs})
 @triton.jit
 def cross_fwd_kernel(
     Q, stride_qm, stride_qd, K, stride_km, stride_kd, QU, stride_um, stride_ud,
@@ -34,19 +37,22 @@ def cross_fwd_kernel(
     W,                                     # (6, splits, M) partial states (several splits)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     D_CHUNKS: tl.constexpr, IN_BATCH: tl.constexpr, HAS_QUEUE: tl.constexpr, SPLIT: tl.constexpr,
-    CAST_F32: tl.constexpr, PREC: tl.constexpr,
+    CAST_F32: tl.constexpr, PREC: tl.constexpr, NEED_TOP1: tl.constexpr, NEED_PS: tl.constexpr,
 ):
+    pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
     n_split = tl.num_programs(1)
 
-    rows, row_ok = row_block(tl.program_id(0), M, BLOCK_M)
+    rows, row_ok = row_block(pid_m, M, BLOCK_M)
+    r0 = pid_m * BLOCK_M  # int32 (row and column counts stay below 2³¹)
     prow = rows + OFF  # the positive key of each row
     scale = tl.load(SCALE).to(tl.float32)
     q = load_rows(Q, stride_qm, stride_qd, rows, row_ok, D, BLOCK_M, BLOCK_D, D_CHUNKS, CAST_F32)
     n_kt, n_qt = cross_tile_counts(N, NQ, BLOCK_N, IN_BATCH, HAS_QUEUE)
     t_start, t_stop = split_range(n_kt + n_qt, pid_s, n_split)
+    qs, sc, x_scale = sign_fold(q, scale, D_CHUNKS)  # logits = x·sc, sc ≥ 0
 
-    # The positive logit: with in-batch keys taken from the tile that holds it (the same
+    # The positive logit: with in-batch keys taken from the one tile that holds it (the same
     # rounding as the logsumexp terms, so lse ≥ pos); else an fp32 row dot.
     pos = tl.zeros((BLOCK_M,), dtype=tl.float32)
     if not IN_BATCH:
@@ -55,8 +61,8 @@ def cross_fwd_kernel(
     neg_inf = float("-inf")
     m_i = tl.full((BLOCK_M,), neg_inf, dtype=tl.float32)   # running max of s
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)           # Σ exp(s − m)
-    ps_i = tl.zeros((BLOCK_M,), dtype=tl.float32)          # Σ exp(s − m)·s
-    best = tl.full((BLOCK_M,), neg_inf, dtype=tl.float32)  # largest logit so far
+    ps_i = tl.zeros((BLOCK_M,), dtype=tl.float32)          # Σ exp(s − m)·s (NEED_PS)
+    best = tl.full((BLOCK_M,), neg_inf, dtype=tl.float32)  # largest logit so far (NEED_TOP1)
     best_pos = tl.zeros((BLOCK_M,), dtype=tl.float32)      # is that argmax the positive
     if not IN_BATCH:
         # The positive alone is column 0, ahead of the queue: split 0 starts from it.
@@ -67,28 +73,53 @@ def cross_fwd_kernel(
         best = tl.where(first_split, pos, best)
         best_pos = tl.where(first_split, 1.0, best_pos)
 
-    local = tl.arange(0, BLOCK_N)
-    local64 = local.to(tl.int64)
+    local = tl.arange(0, BLOCK_N)  # int32 in-tile indices
+    rloc = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
     if IN_BATCH:
+        if D_CHUNKS == 1:
+            k_ptrs = K + local.to(tl.int64)[:, None] * stride_km + offs_d[None, :] * stride_kd
         for t in range(t_start, tl.minimum(t_stop, n_kt)):
-            cols = t * BLOCK_N + local64
-            col_ok = cols < N
-            dots, _b = dot_tile(Q, stride_qm, stride_qd, rows, row_ok, K, stride_km, stride_kd, cols, col_ok,
-                                 q, D, BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS, CAST_F32, PREC)
-            is_pos = prow[:, None] == cols[None, :]
-            s = dots * scale
-            pos += tl.sum(tl.where(is_pos, s, 0.0), 1)
-            m_i, l_i, ps_i, best, best_pos = online_update(m_i, l_i, ps_i, best, best_pos, s,
-                                                            col_ok[None, :], is_pos, local, BLOCK_N)
+            c0 = t * BLOCK_N
+            if D_CHUNKS == 1:
+                x = col_tile_dot(qs, k_ptrs, c0.to(tl.int64) * stride_km, N - c0, local, d_ok, CAST_F32, PREC)
+            else:
+                cols = c0.to(tl.int64) + local
+                dots, _b = dot_tile(Q, stride_qm, stride_qd, rows, row_ok, K, stride_km, stride_kd, cols, cols < N,
+                                     q, D, BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS, CAST_F32, PREC)
+                x = dots * x_scale
+            x_max = tl.max(x, 1)  # (before the branch: see online_tile)
+            # Masks only in the last key tile and in the tiles holding a positive (c = r + OFF).
+            if (c0 + BLOCK_N > N) | tiles_cross(r0 + OFF, c0, BLOCK_M, BLOCK_N):
+                valid = local[None, :] < N - c0
+                is_pos = (c0 - r0 - OFF) + local[None, :] == rloc[:, None]
+                pos += tl.sum(tl.where(is_pos, x, 0.0), 1) * sc
+                m_i, l_i, ps_i, best, best_pos = online_tile(m_i, l_i, ps_i, best, best_pos, x, x_max, sc, valid, is_pos,
+                                                                local, BLOCK_N, True, True, NEED_TOP1, NEED_PS)
+            else:
+                m_i, l_i, ps_i, best, best_pos = online_tile(m_i, l_i, ps_i, best, best_pos, x, x_max, sc, x == x, x != x,
+                                                                local, BLOCK_N, False, False, NEED_TOP1, NEED_PS)
     if HAS_QUEUE:
+        if D_CHUNKS == 1:
+            u_ptrs = QU + local.to(tl.int64)[:, None] * stride_um + offs_d[None, :] * stride_ud
         for t in range(tl.maximum(t_start, n_kt), t_stop):
-            cols = (t - n_kt) * BLOCK_N + local64
-            col_ok = cols < NQ
-            dots, _b = dot_tile(Q, stride_qm, stride_qd, rows, row_ok, QU, stride_um, stride_ud, cols, col_ok,
-                                 q, D, BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS, CAST_F32, PREC)
-            no_pos = local[None, :] < 0
-            m_i, l_i, ps_i, best, best_pos = online_update(m_i, l_i, ps_i, best, best_pos, dots * scale,
-                                                            col_ok[None, :], no_pos, local, BLOCK_N)
+            c0 = (t - n_kt) * BLOCK_N
+            if D_CHUNKS == 1:
+                x = col_tile_dot(qs, u_ptrs, c0.to(tl.int64) * stride_um, NQ - c0, local, d_ok, CAST_F32, PREC)
+            else:
+                cols = c0.to(tl.int64) + local
+                dots, _b = dot_tile(Q, stride_qm, stride_qd, rows, row_ok, QU, stride_um, stride_ud, cols, cols < NQ,
+                                     q, D, BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS, CAST_F32, PREC)
+                x = dots * x_scale
+            x_max = tl.max(x, 1)  # (before the branch: see online_tile)
+            if c0 + BLOCK_N > NQ:  # the last queue tile: columns ≥ NQ masked
+                m_i, l_i, ps_i, best, best_pos = online_tile(m_i, l_i, ps_i, best, best_pos, x, x_max, sc,
+                                                                local[None, :] < NQ - c0, x != x, local, BLOCK_N,
+                                                                True, False, NEED_TOP1, NEED_PS)
+            else:
+                m_i, l_i, ps_i, best, best_pos = online_tile(m_i, l_i, ps_i, best, best_pos, x, x_max, sc, x == x, x != x,
+                                                                local, BLOCK_N, False, False, NEED_TOP1, NEED_PS)
 
     if SPLIT and IN_BATCH:  # the positive's tile may lie in any split: partial sums
         tl.store(W + 5 * n_split.to(tl.int64) * M + pid_s.to(tl.int64) * M + rows, pos, mask=row_ok)
@@ -99,14 +130,18 @@ def cross_fwd_kernel(
         stride_k = n_split.to(tl.int64) * M
         tl.store(base, m_i, mask=row_ok)
         tl.store(base + stride_k, l_i, mask=row_ok)
-        tl.store(base + 2 * stride_k, ps_i, mask=row_ok)
-        tl.store(base + 3 * stride_k, best, mask=row_ok)
-        tl.store(base + 4 * stride_k, best_pos, mask=row_ok)
+        if NEED_PS:
+            tl.store(base + 2 * stride_k, ps_i, mask=row_ok)
+        if NEED_TOP1:
+            tl.store(base + 3 * stride_k, best, mask=row_ok)
+            tl.store(base + 4 * stride_k, best_pos, mask=row_ok)
     else:
         l_safe = tl.where(l_i > 0.0, l_i, 1.0)  # every row has a column; guards masked rows
         tl.store(LSE + rows, m_i + tl.log(l_safe), mask=row_ok)
-        tl.store(PS_SUM + rows, ps_i / l_safe, mask=row_ok)
-        tl.store(TOP1 + rows, best_pos, mask=row_ok)
+        if NEED_PS:
+            tl.store(PS_SUM + rows, ps_i / l_safe, mask=row_ok)
+        if NEED_TOP1:
+            tl.store(TOP1 + rows, best_pos, mask=row_ok)
 
 
 @triton.jit

@@ -1,12 +1,14 @@
 """Triton operators of the cross-similarity family (MoCo InfoNCE, CLIP; docs/maths.md).
 
-    fastntxent::cross_forward_triton(q, k, queue, scale, pos_offset, keys_are_negatives)
+    fastntxent::cross_forward_triton(q, k, queue, scale, pos_offset, keys_are_negatives, outputs=3)
         -> (lse, pos, expected_logit, top1)                          each (M,) float32
     fastntxent::cross_backward_triton(q, k, queue, scale, pos_offset, keys_are_negatives,
                                       lse, grad_lse, grad_pos, need_grad_k)
         -> (grad_q, grad_k)                                  in q's / k's dtype
 
-Same schema and meaning as the C++ operators (csrc/ops.cpp); the kernels are in
+Same schema and meaning as the C++ operators (csrc/ops.cpp), plus the Triton-only `outputs`
+(common.OUT_TOP1 | common.OUT_EXPECTED, default both): which optional statistics the caller
+needs; one left out is not computed and stays NaN. The kernels are in
 cross_kernels.py. Rows are the queries q (M, D); the columns of row i are every key k_j
 (N rows) when `keys_are_negatives`, else only its positive key k_{i+pos_offset}; then every
 queue entry (K rows). The queue gets no gradient.
@@ -78,7 +80,7 @@ def _strides(x: Optional[torch.Tensor], dummy: torch.Tensor):
 @torch.library.custom_op("fastntxent::cross_forward_triton", mutates_args=())
 def _cross_forward_triton(
     q: torch.Tensor, k: torch.Tensor, queue: Optional[torch.Tensor], scale: torch.Tensor,
-    pos_offset: int, keys_are_negatives: bool,
+    pos_offset: int, keys_are_negatives: bool, outputs: int = 3,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     _check(q, k, queue, scale, pos_offset)
     q, k, queue, sc = _prepare(q, k, queue, scale)
@@ -102,6 +104,7 @@ def _cross_forward_triton(
             *outs, work,
             BLOCK_D=flags.block_d, D_CHUNKS=flags.d_chunks, IN_BATCH=bool(keys_are_negatives),
             HAS_QUEUE=queue is not None, SPLIT=splits > 1, CAST_F32=flags.cast_f32, PREC=flags.prec,
+            **common.output_flags(outputs),
         )
     if splits == 1:
         return tuple(outs)

@@ -18,8 +18,9 @@ element is written by exactly one program (no atomics, deterministic).
 import triton
 import triton.language as tl
 
-from .tiles import (BWD_CONFIGS, FWD_CONFIGS, prune_configs, accumulate_hb, dot_tile, labels_of, load_out_tile, load_rows, online_update,
-                    out_columns, row_block, row_weights, softmax_weight, split_range, store_grad)
+from .tiles import (BWD_CONFIGS, FWD_CONFIGS, prune_configs, accumulate_hb, dot_tile, labels_of, load_out_tile, load_rows, online_tile,
+                    out_columns, row_block, row_weights, softmax_weight, split_range, store_grad,
+                    col_tile_dot, next_phase, periodic_phase, sign_fold, tiles_cross)
 
 
 @triton.jit
@@ -31,7 +32,8 @@ def sim_tile(U, stride_um, stride_ud, rows, row_ok, cols, col_ok, q, D,
                      BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS, CAST_F32, PREC)
 
 
-@triton.autotune(configs=FWD_CONFIGS, key=["M_KEY", "D", "PREC", "HAS_LABELS", "SPLIT"], prune_configs_by={"early_config_prune": prune_configs})
+@triton.autotune(configs=FWD_CONFIGS, key=["M_KEY", "D", "PREC", "HAS_LABELS", "SPLIT", "NEED_TOP1", "NEED_PS"],
+                 prune_configs_by={"early_config_prune": prune_configs})
 @triton.jit
 def self_fwd_kernel(
     U, stride_um, stride_ud, TAU, LAB, M, D, period, M_KEY,
@@ -39,64 +41,103 @@ def self_fwd_kernel(
     W,                                     # (7, splits, M) partial states (several splits)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     D_CHUNKS: tl.constexpr, HAS_LABELS: tl.constexpr, SPLIT: tl.constexpr,
-    CAST_F32: tl.constexpr, PREC: tl.constexpr,
+    CAST_F32: tl.constexpr, PREC: tl.constexpr, NEED_TOP1: tl.constexpr, NEED_PS: tl.constexpr,
 ):
+    pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
     n_split = tl.num_programs(1)
 
-    rows, row_ok = row_block(tl.program_id(0), M, BLOCK_M)
-    inv_tau = 1.0 / tl.load(TAU).to(tl.float32)
+    rows, row_ok = row_block(pid_m, M, BLOCK_M)
+    r0 = pid_m * BLOCK_M  # int32: row and column counts stay below 2³¹ (the launcher's grid check)
+    scale = 1.0 / tl.load(TAU).to(tl.float32)
     lab_r = labels_of(LAB, rows, row_ok, period, -1, HAS_LABELS)
 
     q = load_rows(U, stride_um, stride_ud, rows, row_ok, D, BLOCK_M, BLOCK_D, D_CHUNKS, CAST_F32)
+    q, sc, x_scale = sign_fold(q, scale, D_CHUNKS)  # logits = x·sc, sc ≥ 0
 
     t_start, t_stop = split_range(tl.cdiv(M, BLOCK_N), pid_s, n_split)
 
     neg_inf = float("-inf")
     m_i = tl.full((BLOCK_M,), neg_inf, dtype=tl.float32)   # running max of s
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)           # Σ exp(s − m)
-    ps_i = tl.zeros((BLOCK_M,), dtype=tl.float32)          # Σ exp(s − m)·s
+    ps_i = tl.zeros((BLOCK_M,), dtype=tl.float32)          # Σ exp(s − m)·s (NEED_PS)
     pos_i = tl.zeros((BLOCK_M,), dtype=tl.float32)         # Σ_{positives} s
     cnt_i = tl.zeros((BLOCK_M,), dtype=tl.float32)         # |P(i)|
-    best = tl.full((BLOCK_M,), neg_inf, dtype=tl.float32)  # max_{j≠i} s_ij so far
+    best = tl.full((BLOCK_M,), neg_inf, dtype=tl.float32)  # max_{j≠i} s_ij so far (NEED_TOP1)
     best_pos = tl.zeros((BLOCK_M,), dtype=tl.float32)      # is that argmax a positive
-    local = tl.arange(0, BLOCK_N)
-    local64 = local.to(tl.int64)
+    local = tl.arange(0, BLOCK_N)                          # int32 in-tile indices
+    rloc = tl.arange(0, BLOCK_M)
+    # Without labels the tiles holding a positive (c ≡ r mod period, the diagonal included)
+    # are tracked by a phase, one division per program (periodic_phase).
+    span = BLOCK_M + BLOCK_N - 2
+    phase = periodic_phase(r0, t_start * BLOCK_N, period, BLOCK_M)
+    every_tile = period <= span + 1
+    if D_CHUNKS == 1:
+        offs_d = tl.arange(0, BLOCK_D)
+        d_ok = offs_d < D
+        b_ptrs = U + local.to(tl.int64)[:, None] * stride_um + offs_d[None, :] * stride_ud
 
     for t in range(t_start, t_stop):
-        cols = t * BLOCK_N + local64
+        c0 = t * BLOCK_N
+        cols = c0.to(tl.int64) + local
         col_ok = cols < M
-        dots, _k = sim_tile(U, stride_um, stride_ud, rows, row_ok, cols, col_ok, q, D,
-                             BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS, CAST_F32, PREC)
-        s = dots * inv_tau
-        valid = col_ok[None, :] & (rows[:, None] != cols[None, :])
-        lab_c = labels_of(LAB, cols, col_ok, period, -2, HAS_LABELS)
-        pos = valid & (lab_r[:, None] == lab_c[None, :])
-
-        m_i, l_i, ps_i, best, best_pos = online_update(m_i, l_i, ps_i, best, best_pos, s, valid, pos,
-                                                        local, BLOCK_N)
-        pos_i += tl.sum(tl.where(pos, s, 0.0), 1)
-        cnt_i += tl.sum(pos.to(tl.float32), 1)
+        if D_CHUNKS == 1:
+            x = col_tile_dot(q, b_ptrs, c0.to(tl.int64) * stride_um, M - c0, local, d_ok, CAST_F32, PREC)
+        else:
+            dots, _k = sim_tile(U, stride_um, stride_ud, rows, row_ok, cols, col_ok, q, D,
+                                 BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS, CAST_F32, PREC)
+            x = dots * x_scale
+        x_max = tl.max(x, 1)  # (before the branch: see online_tile)
+        # Masks only where they can change something: the last column tile (columns ≥ M),
+        # the tiles crossing the diagonal and, without labels, the tiles holding a positive
+        # (c ≡ r mod period). Interior tiles take the mask-free branch.
+        if HAS_LABELS:
+            special = (c0 + BLOCK_N > M) | tiles_cross(r0, c0, BLOCK_M, BLOCK_N)
+        else:
+            special = (c0 + BLOCK_N > M) | every_tile | (phase <= span)
+            phase = next_phase(phase, period, BLOCK_N)
+        if special:
+            valid = (local[None, :] < M - c0) & ((c0 - r0) + local[None, :] != rloc[:, None])  # c < M, c ≠ r
+            lab_c = labels_of(LAB, cols, col_ok, period, -2, HAS_LABELS)  # (implicit: c mod period, per column)
+            pos = valid & (lab_r[:, None] == lab_c[None, :])
+            m_i, l_i, ps_i, best, best_pos = online_tile(m_i, l_i, ps_i, best, best_pos, x, x_max, sc, valid, pos, local,
+                                                            BLOCK_N, True, True, NEED_TOP1, NEED_PS)
+            pos_i += tl.sum(tl.where(pos, x, 0.0), 1) * sc
+            cnt_i += tl.sum(pos.to(tl.float32), 1)
+        else:
+            if HAS_LABELS:
+                lab_c = labels_of(LAB, cols, col_ok, period, -2, HAS_LABELS)
+                pos = lab_r[:, None] == lab_c[None, :]
+                pos_i += tl.sum(tl.where(pos, x, 0.0), 1) * sc
+                cnt_i += tl.sum(pos.to(tl.float32), 1)
+            else:
+                pos = x != x  # no positive in this tile (not read)
+            m_i, l_i, ps_i, best, best_pos = online_tile(m_i, l_i, ps_i, best, best_pos, x, x_max, sc, x == x, pos, local,
+                                                            BLOCK_N, False, HAS_LABELS, NEED_TOP1, NEED_PS)
 
     if SPLIT:
         base = W + pid_s.to(tl.int64) * M + rows
         stride_k = n_split.to(tl.int64) * M
         tl.store(base, m_i, mask=row_ok)
         tl.store(base + stride_k, l_i, mask=row_ok)
-        tl.store(base + 2 * stride_k, ps_i, mask=row_ok)
+        if NEED_PS:
+            tl.store(base + 2 * stride_k, ps_i, mask=row_ok)
         tl.store(base + 3 * stride_k, pos_i, mask=row_ok)
         tl.store(base + 4 * stride_k, cnt_i, mask=row_ok)
-        tl.store(base + 5 * stride_k, best, mask=row_ok)
-        tl.store(base + 6 * stride_k, best_pos, mask=row_ok)
+        if NEED_TOP1:
+            tl.store(base + 5 * stride_k, best, mask=row_ok)
+            tl.store(base + 6 * stride_k, best_pos, mask=row_ok)
     else:
         any_col = l_i > 0.0  # false only when M == 1
         l_safe = tl.where(any_col, l_i, 1.0)
         lse = tl.where(any_col, m_i + tl.log(l_safe), neg_inf)
         tl.store(LSE + rows, lse, mask=row_ok)
-        tl.store(PS_SUM + rows, tl.where(any_col, ps_i / l_safe, 0.0), mask=row_ok)
+        if NEED_PS:
+            tl.store(PS_SUM + rows, tl.where(any_col, ps_i / l_safe, 0.0), mask=row_ok)
         tl.store(POS_SUM + rows, pos_i, mask=row_ok)
         tl.store(POS_CNT + rows, cnt_i, mask=row_ok)
-        tl.store(TOP1 + rows, best_pos, mask=row_ok)
+        if NEED_TOP1:
+            tl.store(TOP1 + rows, best_pos, mask=row_ok)
 
 
 @triton.autotune(configs=BWD_CONFIGS, key=["M_KEY", "D", "PREC", "HAS_LABELS"], prune_configs_by={"early_config_prune": prune_configs})

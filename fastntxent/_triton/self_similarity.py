@@ -1,11 +1,13 @@
 """Triton operators of the self-similarity family (NT-Xent, multi-view, SupCon; docs/maths.md).
 
-    fastntxent::self_forward_triton(u, temperature, labels, rows_per_view)
+    fastntxent::self_forward_triton(u, temperature, labels, rows_per_view, outputs=3)
         -> (lse, pos_sum, pos_count, expected_logit, top1)          each (M,) float32
     fastntxent::self_backward_triton(u, temperature, labels, rows_per_view, lse, grad_lse, grad_pos)
         -> grad_u                                            (M, D) in u's dtype
 
-Same schema and meaning as the C++ operators (csrc/ops.cpp); the kernels are in
+Same schema and meaning as the C++ operators (csrc/ops.cpp), plus the Triton-only `outputs`
+(common.OUT_TOP1 | common.OUT_EXPECTED, default both): which optional statistics the caller
+needs; one left out is not computed (its loop code is compiled out) and stays NaN. The kernels are in
 self_kernels.py. u: (M, D) float32 / bfloat16 / float16 on a CUDA device (or the CPU under
 TRITON_INTERPRET=1), any strides; labels (M,) int64 or None (label(i) = i mod rows_per_view).
 
@@ -63,7 +65,8 @@ def _splits(u: torch.Tensor) -> int:
 
 @torch.library.custom_op("fastntxent::self_forward_triton", mutates_args=())
 def _self_forward_triton(
-    u: torch.Tensor, temperature: torch.Tensor, labels: Optional[torch.Tensor], rows_per_view: int
+    u: torch.Tensor, temperature: torch.Tensor, labels: Optional[torch.Tensor], rows_per_view: int,
+    outputs: int = 3,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     _check(u, temperature, labels, rows_per_view)
     u, tau, lab = _prepare(u, temperature, labels)
@@ -82,7 +85,7 @@ def _self_forward_triton(
             u, u.stride(0), u.stride(1), tau, lab if lab is not None else dummy, M, D, rows_per_view,
             common.m_key(M), *outs, work,
             BLOCK_D=flags.block_d, D_CHUNKS=flags.d_chunks, HAS_LABELS=lab is not None, SPLIT=splits > 1,
-            CAST_F32=flags.cast_f32, PREC=flags.prec,
+            CAST_F32=flags.cast_f32, PREC=flags.prec, **common.output_flags(outputs),
         )
     if splits == 1:
         return tuple(outs)

@@ -6,7 +6,7 @@ time for sm_80/sm_90 under any Triton version (.ci/compile_triton.py), without t
 
 - `dot_tile`: A[rows] · B[cols]ᵀ as one `tl.dot` (D in one chunk) or a D-chunked loop;
 - `load_rows`: the row block held across the column sweep (one D chunk);
-- `online_update`: one column tile into the running max-subtracted logsumexp (exp2 domain),
+- `online_tile` (`online_update`: its masked all-outputs form): one column tile into the running max-subtracted logsumexp (exp2 domain),
   Σ P·s and the top-1 statistic;
 - `row_dot`: an elementwise fp32 row dot (the MoCo v2 positive logit);
 - the autotune configs, the interpreter's fixed blocks, and `d_blocks`, the D tiling.
@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -35,18 +36,22 @@ INTERP_BLOCK_D = 64
 # is split into CHUNK_DO-wide column chunks (grid z).
 MAX_SINGLE_D = {"16bit": 256, "fp32": 128}
 CHUNK_D = 64
-CHUNK_DO = 128
+# The backward's output chunk at chunked D: every output chunk recomputes the score tiles, so
+# wider is less MMA work (D = 512: 1.5x the 4·M²·D minimum at 256, 2.5x at 128) as long as the
+# accumulator stays in registers (acc_configs: 8 warps at 256; fp32 operands stay at 128).
+CHUNK_DO = {"16bit": 256, "fp32": 128}
 
 if INTERPRETING:
     FWD_CONFIGS = [triton.Config({"BLOCK_M": INTERP_BLOCK_M, "BLOCK_N": INTERP_BLOCK_N}, num_warps=4, num_stages=1)]
     BWD_CONFIGS = list(FWD_CONFIGS)
 else:
+    # At most 32 similarities per thread (BLOCK_M·BLOCK_N / threads): the 64-per-thread tiles
+    # (128x128 w8, 128x64 w4, 64x128 w4) reached 255 registers and spilled 32-400 B in the
+    # compile gate (sm_80 and sm_90, triton 3.8), so they are gone.
     FWD_CONFIGS = [
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=8, num_stages=2),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=4),
         triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3),
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 128}, num_warps=4, num_stages=3),
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 32}, num_warps=4, num_stages=4),
         triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2),  # fits any GPU
     ]
@@ -84,7 +89,7 @@ def d_blocks(D: int, fp32: bool, exact: bool = False) -> tuple:
     if D <= MAX_SINGLE_D["fp32" if fp32 else "16bit"]:
         bd = max(16, triton.next_power_of_2(D))
         return bd, 1, bd
-    return CHUNK_D, triton.cdiv(D, CHUNK_D), CHUNK_DO
+    return CHUNK_D, triton.cdiv(D, CHUNK_D), CHUNK_DO["fp32" if fp32 else "16bit"]
 
 
 TENSOR_CORE_BF16 = (8, 0)  # bf16 MMA and tf32 from sm_80
@@ -109,20 +114,59 @@ def flags_for(dtype: str, fp32_precision: str, D: int, capability) -> dict:
         prec = fp32_precision if dtype == "fp32" else "tf32"
         h_bf16 = dtype == "fp16"
     fp32_operands = cast or dtype == "fp32"
-    exact = fp32_operands and prec == "ieee" and capability is not None
+    # tf32x3 (three tf32 MMAs per product, fp32-accurate) holds the same operand splits in
+    # registers as exact fp32: it spilled 68-1700 B in the large tiles, so it takes the small ones.
+    exact = fp32_operands and prec in ("ieee", "tf32x3") and capability is not None
     block_d, d_chunks, block_do = d_blocks(D, fp32=fp32_operands, exact=exact)
     return dict(CAST_F32=cast, PREC=prec, H_BF16=h_bf16, EXACT=exact, BLOCK_D=block_d, D_CHUNKS=d_chunks,
                 BLOCK_DO=block_do)
 
 
 def prune_configs(configs, named_args, **kwargs):
-    """Autotune pruning before anything compiles: exact fp32 products (EXACT, on FMA units)
-    keep only the configs with tiles of at most 64×64 and 4 warps, which hold their operands
-    in registers (the larger ones spill kilobytes per thread and take minutes to compile).
+    """Autotune pruning before anything compiles:
+    - exact fp32 products (EXACT, on FMA units) keep only the configs with tiles of at most
+      64×64 and 4 warps, which hold their operands in registers (the larger ones spill
+      kilobytes per thread and take minutes to compile);
+    - a forward with fp32 (tf32) operands keeps the configs whose row block takes ≤ 64
+      registers per thread, and with the top-1 statistic only the 4-warp ones;
+    - a backward (BLOCK_DO given) keeps the configs whose fp32 gradient accumulator
+      and score tile fit in registers (`acc_configs`, MAX_BWD_REGS): the wide output chunks
+      of the chunked-D backward need 8 warps.
     `EXACT` is not a kernel argument: the launchers pass it through `PREC`/`CAST_F32`."""
-    exact = (kwargs.get("PREC", named_args.get("PREC")) == "ieee"
+    exact = (kwargs.get("PREC", named_args.get("PREC")) in ("ieee", "tf32x3")
              and not INTERPRETING and _fp32_operands(named_args, kwargs))
-    return exact_configs(configs) if exact else configs
+    kept = exact_configs(configs) if exact else configs
+    block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
+    if (not exact and not INTERPRETING and "BLOCK_DO" not in kwargs and block_d is not None
+            and _fp32_operands(named_args, kwargs)):
+        # Forward, fp32 (tf32) operands: the row block held across the sweep takes
+        # BLOCK_M·BLOCK_D / threads registers; at 128 (128x32 on 4 warps, D = 128) sm_90
+        # spilled 76-124 B; with the top-1 statistic 128x64 on 8 warps spilled 20 B (sm_80).
+        kept = [c for c in kept if c.kwargs["BLOCK_M"] * int(block_d) <= 64 * 32 * c.num_warps
+                and not (kwargs.get("NEED_TOP1", named_args.get("NEED_TOP1")) and c.num_warps > 4)] or kept[-1:]
+    block_do = kwargs.get("BLOCK_DO", named_args.get("BLOCK_DO"))
+    if block_do is not None and not INTERPRETING and not exact:
+        kept = acc_configs(kept, int(block_do), _fp32_operands(named_args, kwargs))
+    return kept
+
+
+# fp32 registers per thread the backward's gradient accumulator and score tile may take,
+# BLOCK_M·(BLOCK_DO + BLOCK_N) over 32·num_warps threads. Measured by the compile gate
+# (triton 3.8, sm_80/sm_90): at 96 (64×64 tiles on 4 warps at D = 128; 64×256 outputs on
+# 8 warps with 128 columns) ptxas spills 8-240 B, at ≤ 80 nothing; fp32 (tf32) operands take
+# twice the registers of 16-bit ones, so their column tiles stay ≤ 64 (64×128 on 8 warps
+# spilled 160 B on sm_90).
+MAX_BWD_REGS = 80
+
+
+def acc_configs(configs, block_do: int, fp32_operands: bool = False):
+    """The backward configs that hold their accumulator and score tile in registers (see
+    MAX_BWD_REGS), else the one that comes closest."""
+    def need(c):
+        return c.kwargs["BLOCK_M"] * (block_do + c.kwargs["BLOCK_N"]) / (32 * c.num_warps)
+
+    fits = [c for c in configs if need(c) <= MAX_BWD_REGS and not (fp32_operands and c.kwargs["BLOCK_N"] > 64)]
+    return fits or [min(configs, key=need)]
 
 
 def exact_configs(configs):
@@ -192,28 +236,118 @@ def load_rows(A, stride_am, stride_ad, rows, row_ok, D,
 
 
 @triton.jit
-def online_update(m_i, l_i, ps_i, best, best_pos, s, valid, is_pos, local, BLOCK_N: tl.constexpr):
-    """One column tile of logits s (BLOCK_M, BLOCK_N) — entries where `valid` — into the running
-    row state: max-subtracted logsumexp (exp2 domain), Σ P·s and top-1 (whether the first
-    column reaching the row max is a positive; a later tile must beat it strictly).
-    Invalid entries become −inf (never `other=` values of a load: those would enter the max);
+def online_tile(m_i, l_i, ps_i, best, best_pos, x, x_max, sc, valid, is_pos, local, BLOCK_N: tl.constexpr,
+                  MASKED: tl.constexpr, HAS_POS: tl.constexpr, NEED_TOP1: tl.constexpr, NEED_PS: tl.constexpr):
+    """One column tile into the running row state. The tile's logits are s = x·sc with sc ≥ 0
+    (x the raw products, sign-corrected by the caller; sc = 1/τ or the logit scale): the
+    max-subtracted logsumexp (exp2 domain), Σ P·s (NEED_PS) and top-1 (NEED_TOP1: whether the
+    first column reaching the row max is a positive; a later tile must beat it strictly).
+
+    MASKED: only the entries where `valid` count (the diagonal tile, the last column tile);
+    invalid entries become −inf (never `other=` values of a load: those would enter the max) and
     a row with no valid entry yet keeps m = −inf and l = 0 (the −inf − −inf case is avoided by
-    shifting with 0)."""
+    shifting with 0); the row max's own term is exactly exp2(0) = 1, as the backward's
+    exp(s − lse) expects. An interior tile (MASKED false) has every entry valid and pays for
+    no mask: the max is taken over x (sc ≥ 0 keeps the order) and log2(e)·sc is folded into
+    one FFMA, so each entry costs one max, one FFMA, one exp2 and one add. HAS_POS false: no
+    entry is a positive (`is_pos` is not read).
+    `x_max` = max(x, 1), computed by the caller before it branches on MASKED: the first use of
+    a pipelined warpgroup MMA's result must not sit inside the branch (triton 3.6 fails to
+    compile that on sm_90); it is not read when MASKED."""
     neg_inf = float("-inf")
-    s_m = tl.where(valid, s, neg_inf)
-    t_max = tl.max(s_m, 1)
-    first = tl.min(tl.where(s_m == t_max[:, None], local[None, :], BLOCK_N), 1)
-    t_pos = tl.max(tl.where(is_pos & (local[None, :] == first[:, None]), 1.0, 0.0), 1)
-    better = t_max > best
-    best_pos = tl.where(better, t_pos, best_pos)
-    best = tl.where(better, t_max, best)
+    if MASKED:
+        s_m = tl.where(valid, x * sc, neg_inf)
+        t_max = tl.max(s_m, 1)
+    else:
+        t_max_x = x_max
+        t_max = t_max_x * sc
+    if NEED_TOP1:
+        if HAS_POS:
+            if MASKED:
+                hit = s_m == t_max[:, None]
+            else:
+                hit = x == t_max_x[:, None]
+            first = tl.min(tl.where(hit, local[None, :], BLOCK_N), 1)
+            t_pos = tl.max(tl.where(is_pos & (local[None, :] == first[:, None]), 1.0, 0.0), 1)
+        else:
+            t_pos = tl.zeros_like(best_pos)
+        better = t_max > best
+        best_pos = tl.where(better, t_pos, best_pos)
+        best = tl.where(better, t_max, best)
     m_new = tl.maximum(m_i, t_max)
-    m_use = tl.where(m_new == neg_inf, 0.0, m_new)
-    alpha = tl.exp2((m_i - m_use) * 1.4426950408889634)
-    p = tl.exp2((s_m - m_use[:, None]) * 1.4426950408889634)  # masked entries: exp2(−inf) = 0
+    log2e = 1.4426950408889634
+    if MASKED:
+        m_use = tl.where(m_new == neg_inf, 0.0, m_new)
+        p = tl.exp2((s_m - m_use[:, None]) * log2e)  # masked entries: exp2(−inf) = 0
+    else:
+        m_use = m_new  # every entry valid: finite once the tile is in
+        p = tl.exp2(x * (sc * log2e) - (m_use * log2e)[:, None])
+    alpha = tl.exp2((m_i - m_use) * log2e)
     l_i = l_i * alpha + tl.sum(p, 1)
-    ps_i = ps_i * alpha + tl.sum(p * tl.where(valid, s, 0.0), 1)
+    if NEED_PS:
+        if MASKED:
+            ps_i = ps_i * alpha + tl.sum(p * tl.where(valid, x, 0.0), 1) * sc
+        else:
+            ps_i = ps_i * alpha + tl.sum(p * x, 1) * sc
     return m_new, l_i, ps_i, best, best_pos
+
+
+@triton.jit
+def online_update(m_i, l_i, ps_i, best, best_pos, s, valid, is_pos, local, BLOCK_N: tl.constexpr):
+    """`online_tile` for logits s (natural units) with a mask and every output: the form the
+    local-rows kernels call."""
+    return online_tile(m_i, l_i, ps_i, best, best_pos, s, s, 1.0, valid, is_pos, local, BLOCK_N,
+                       True, True, True, True)
+
+
+@triton.jit
+def col_tile_dot(a, b_ptrs, c_off, n_left, local, d_ok, CAST_F32: tl.constexpr, PREC: tl.constexpr):
+    """a · B_tileᵀ for D in one chunk: `b_ptrs` the loop-invariant pointers of column tile 0
+    (rows local, columns d), `c_off` this tile's int64 row offset (c0·stride): one 64-bit add
+    per pointer instead of an index multiply; rows ≥ `n_left` (int32: columns ≥ the count)
+    load 0."""
+    b = tl.load(b_ptrs + c_off, mask=(local < n_left)[:, None] & d_ok[None, :], other=0.0)
+    if CAST_F32:
+        b = b.to(tl.float32)
+    return tl.dot(a, tl.trans(b), input_precision=PREC)
+
+
+@triton.jit
+def sign_fold(q, scale, D_CHUNKS: tl.constexpr):
+    """(q', sc, x_scale): the forward's operands so that the logits are (q'·c)·x_scale·sc
+    with sc ≥ 0. With D in one chunk a negative scale flips the row block
+    (once per program) and x_scale = 1 (the scale folds into the exp2's FFMA); with chunked D
+    the products are scaled by `scale` directly (x_scale = scale, sc = 1)."""
+    if D_CHUNKS == 1:
+        flip = scale < 0.0
+        q = tl.where(flip, -q, q)
+        return q, tl.abs(scale), 1.0
+    return q, 1.0, scale
+
+
+@triton.jit
+def tiles_cross(r0, c0, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Whether the column tile [c0, c0+BLOCK_N) holds a column c = r of a row r of
+    [r0, r0+BLOCK_M) (int32 scalars): the diagonal tiles, and with r0 shifted by an offset
+    the tiles holding a cross-family positive."""
+    return (c0 < r0 + BLOCK_M) & (r0 < c0 + BLOCK_N)
+
+
+@triton.jit
+def periodic_phase(r0, c0, period, BLOCK_M: tl.constexpr):
+    """y = (r0 + BLOCK_M − 1 − c0) mod period for the first column tile c0 of a sweep: the
+    column tile holds some c ≡ r (mod period) of a row r of the block iff y ≤ BLOCK_M + BLOCK_N − 2
+    (its differences c − r span [−y', −y' + span], span = BLOCK_M + BLOCK_N − 2). `next_phase`
+    moves it one tile on without a division (one division per program, none per tile)."""
+    return ((r0 + BLOCK_M - 1 - c0) % period + period) % period
+
+
+@triton.jit
+def next_phase(y, period, BLOCK_N: tl.constexpr):
+    """The phase of the next column tile (valid while BLOCK_N < period; with period ≤ span + 1
+    every tile holds a match and the phase is not read)."""
+    y = y - BLOCK_N
+    return tl.where(y < 0, y + period, y)
 
 
 @triton.jit
