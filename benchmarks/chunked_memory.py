@@ -145,12 +145,17 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=os.path.join(HERE, "results", "chunked_memory"))
+    p.add_argument("--append", action="store_true",
+                   help="keep the rows already in <out>.json (a sweep run in pieces)")
     p.add_argument("--batch", type=int, help=argparse.SUPPRESS)  # child process
     args = p.parse_args()
     if args.batch is not None:
         print(json.dumps(child(args)))
         return
     rows, lines = [], []
+    if args.append and os.path.exists(args.out + ".json"):  # keep the rows of earlier runs
+        with open(args.out + ".json") as f:
+            rows = json.load(f)["rows"]
     for batch in args.batches:
         for chunk in (0, args.chunk):
             if chunk == 0 and args.max_unchunked is not None and batch > args.max_unchunked:
@@ -163,7 +168,7 @@ def main() -> None:
                 print(f"batch {batch} chunk {chunk}: failed\n{r.stderr[-2000:]}", file=sys.stderr)
                 continue
             row = json.loads(r.stdout.strip().splitlines()[-1])
-            rows.append(row)
+            rows = [x for x in rows if (x["batch"], x["chunk"]) != (batch, chunk)] + [row]
             print(f"batch {batch:5d} {'chunk ' + str(chunk) if chunk else 'unchunked':>10}: "
                   f"saved {row['saved_mib']:9.1f} MiB  peak {row['peak_mib']:9.1f} MiB  "
                   f"{row['seconds']:8.2f} s", flush=True)
@@ -186,7 +191,7 @@ def _write(args, rows) -> list:
              f"saved = peak activations held by autograd; peak = {meta['peak']}; chunk = {args.chunk} images",
              "", "| batch | saved MiB unchunked | saved MiB chunked | peak MiB unchunked | peak MiB chunked "
              "| s unchunked | s chunked | time ratio |", "|---|---|---|---|---|---|---|---|"]
-    for b in args.batches:
+    for b in sorted({r["batch"] for r in rows} | set(args.batches)):
         u, c = by.get((b, 0)), by.get((b, args.chunk))
 
         def f(r, k, fmt="{:.1f}"):
