@@ -178,14 +178,16 @@ class HealthMonitor:
             if std < self.std_fraction / math.sqrt(int(dim)):
                 self._emit("std", f"embedding_std {std:.3g} is below {self.std_fraction}/sqrt(D) = "
                            f"{self.std_fraction / math.sqrt(int(dim)):.3g}: representation collapse (the unit "
-                           "embeddings barely vary across the batch).", out)
+                           "embeddings barely vary across the batch). Usual causes: a learning rate too high, "
+                           "a temperature too high, a dead projection head.", out)
         if embeddings is not None and self.rank_fraction > 0 and embeddings.shape[0] > 1:
             rank = self.last_rank = float(effective_rank(embeddings))
             limit = self.rank_fraction * min(embeddings.shape)
             if rank < max(limit, 1.5):
                 self._emit("rank", f"effective rank {rank:.2f} of the {embeddings.shape[1]}-dim embeddings is "
                            f"below {max(limit, 1.5):.2f}: dimensional collapse (the projection uses a few "
-                           "directions only).", out)
+                           "directions only). Usual causes: a learning rate too high, a projection too narrow, "
+                           "weight decay too strong.", out)
         top1, align = _value(stats, "top1_accuracy"), _value(stats, "alignment")
         if (self.step <= self.early_steps and top1 is not None and top1 >= 1.0
                 and align is not None and align >= 1.0 - self.identical_tol):
