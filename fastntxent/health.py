@@ -71,6 +71,11 @@ def uniformity(z: torch.Tensor, t: float = 2.0, max_rows: int = 2048) -> torch.T
     return torch.logsumexp(-t * sq, dim=0) - math.log(max(sq.numel(), 1))
 
 
+# Defaults of the stuck-at-chance check, chosen from measured trajectories (docs/training.md,
+# "When training goes wrong"): the default digits run vs the same run at lr = 1e4.
+STUCK_AFTER, STUCK_WINDOW, STUCK_TOL, STUCK_TOP1 = 50, 25, 0.02, 3.0
+
+
 def _value(stats: dict, key: str) -> Optional[float]:
     v = stats.get(key)
     if v is None:
@@ -87,6 +92,11 @@ class HealthMonitor:
     Checks (thresholds are arguments):
     - collapse: the loss within `chance_tol` (relative) of its chance value and flat for
       `patience` steps — all similarities equal;
+    - stuck at chance: after `stuck_after` steps, over the last `stuck_window` steps, the mean
+      loss/chance at least 1 − `stuck_tol` (at or above chance), flat (the second half's mean not below the first
+      half's by more than `stuck_tol` / 2) and the mean top-1 accuracy at most `stuck_top1`
+      times a random ranking's (`top1_chance`) — the model learns nothing although its
+      similarities are not exactly equal (an absurd learning rate, a frozen or dead encoder);
     - representation collapse: `embedding_std` below `std_fraction`/√D;
     - dimensional collapse: `effective_rank(embeddings)` below `rank_fraction`·D (only when
       embeddings are passed);
@@ -99,26 +109,35 @@ class HealthMonitor:
 
     def __init__(self, *, patience: int = 20, chance_tol: float = 1e-3, std_fraction: float = 0.1,
                  rank_fraction: float = 0.05, early_steps: int = 10, identical_tol: float = 1e-4,
-                 strict: bool = False):
-        for name, v in (("patience", patience), ("early_steps", early_steps)):
+                 stuck_after: int = STUCK_AFTER, stuck_window: int = STUCK_WINDOW,
+                 stuck_tol: float = STUCK_TOL, stuck_top1: float = STUCK_TOP1, strict: bool = False):
+        for name, v in (("patience", patience), ("early_steps", early_steps),
+                        ("stuck_window", stuck_window)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+        if isinstance(stuck_after, bool) or not isinstance(stuck_after, int) or stuck_after < 0:
+            raise ValueError(f"stuck_after must be an int >= 0, got {stuck_after!r}")
         for name, v in (("chance_tol", chance_tol), ("std_fraction", std_fraction),
-                        ("rank_fraction", rank_fraction), ("identical_tol", identical_tol)):
+                        ("rank_fraction", rank_fraction), ("identical_tol", identical_tol),
+                        ("stuck_tol", stuck_tol), ("stuck_top1", stuck_top1)):
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and v >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
         self.patience, self.chance_tol, self.std_fraction = patience, chance_tol, std_fraction
         self.rank_fraction, self.early_steps, self.identical_tol = rank_fraction, early_steps, identical_tol
+        self.stuck_after, self.stuck_window, self.stuck_tol, self.stuck_top1 = (
+            stuck_after, stuck_window, stuck_tol, stuck_top1)
         self.strict = strict
         self.step = 0
         self._ratios: deque = deque(maxlen=patience)
-        self._raised: set = set()
+        self._window: deque = deque(maxlen=stuck_window)  # (loss/chance, top-1, top-1 of chance)
+        self.raised: dict = {}  # kind -> the first message of that kind, in the order raised
+        self.last_rank: Optional[float] = None  # effective rank of the last embeddings checked
 
     def _emit(self, kind: str, message: str, out: list) -> None:
         if self.strict:
             raise CollapseError(message)
-        if kind not in self._raised:
-            self._raised.add(kind)
+        if kind not in self.raised:
+            self.raised[kind] = message
             warnings.warn(message, CollapseWarning, stacklevel=3)
         out.append(message)
 
@@ -148,20 +167,27 @@ class HealthMonitor:
                            f"{self.patience} steps: all similarities are equal, the embeddings have collapsed "
                            "to one point (or the encoder ignores its input). Usual causes: a learning rate "
                            "too high, a dead projection head, a bug that feeds constant inputs.", out)
+        top1_now, top1_chance = _value(stats, "top1_accuracy"), _value(stats, "top1_chance")
+        if ratio is not None and top1_now is not None and top1_chance is not None:
+            self._window.append((ratio, top1_now, top1_chance))
+            if self.step > self.stuck_after and len(self._window) == self.stuck_window:
+                self._check_stuck(chance, out)
         std = _value(stats, "embedding_std")
         dim = embeddings.shape[1] if embeddings is not None else stats.get("dim")
         if std is not None and dim:
             if std < self.std_fraction / math.sqrt(int(dim)):
                 self._emit("std", f"embedding_std {std:.3g} is below {self.std_fraction}/sqrt(D) = "
                            f"{self.std_fraction / math.sqrt(int(dim)):.3g}: representation collapse (the unit "
-                           "embeddings barely vary across the batch).", out)
+                           "embeddings barely vary across the batch). Usual causes: a learning rate too high, "
+                           "a temperature too high, a dead projection head.", out)
         if embeddings is not None and self.rank_fraction > 0 and embeddings.shape[0] > 1:
-            rank = float(effective_rank(embeddings))
+            rank = self.last_rank = float(effective_rank(embeddings))
             limit = self.rank_fraction * min(embeddings.shape)
             if rank < max(limit, 1.5):
                 self._emit("rank", f"effective rank {rank:.2f} of the {embeddings.shape[1]}-dim embeddings is "
                            f"below {max(limit, 1.5):.2f}: dimensional collapse (the projection uses a few "
-                           "directions only).", out)
+                           "directions only). Usual causes: a learning rate too high, a projection too narrow, "
+                           "weight decay too strong.", out)
         top1, align = _value(stats, "top1_accuracy"), _value(stats, "alignment")
         if (self.step <= self.early_steps and top1 is not None and top1 >= 1.0
                 and align is not None and align >= 1.0 - self.identical_tol):
@@ -169,3 +195,19 @@ class HealthMonitor:
                        "first steps: the task is trivial — the two views are identical (no augmentation) or "
                        "the positives leak into the inputs. Check your augmentations.", out)
         return out
+
+    def _check_stuck(self, chance: Optional[float], out: list) -> None:
+        w = list(self._window)
+        ratios = [r for r, _, _ in w]
+        mean = sum(ratios) / len(ratios)
+        half = len(ratios) // 2
+        first, second = sum(ratios[:half]) / max(half, 1), sum(ratios[half:]) / (len(ratios) - half)
+        top1 = sum(t for _, t, _ in w) / len(w)
+        top1_chance = sum(c for _, _, c in w) / len(w)
+        if mean >= 1.0 - self.stuck_tol and first - second <= self.stuck_tol / 2 \
+                and top1 <= self.stuck_top1 * top1_chance:
+            self._emit("stuck", f"the loss has stayed at its chance value for {len(w)} steps (loss/chance "
+                       f"{mean:.3f}, chance {chance:.4g}) and top-1 accuracy {top1:.4f} is that of a random "
+                       f"ranking ({top1_chance:.4f}): the model is learning nothing. Usual causes: a learning "
+                       "rate far too high (or zero), a frozen or dead encoder, labels or positives that do not "
+                       "match the inputs.", out)

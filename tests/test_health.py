@@ -118,3 +118,53 @@ def test_monitor_arguments_are_checked():
         fx.HealthMonitor(patience=0)
     with pytest.raises(ValueError, match="std_fraction"):
         fx.HealthMonitor(std_fraction=float("nan"))
+
+
+def _feed(monitor, ratios, top1s, top1_chance=1 / 511):
+    """Stats of a run, step by step: returns the step (1-based) of each warning kind."""
+    first = {}
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        for step, (r, t) in enumerate(zip(ratios, top1s), start=1):
+            stats = {"loss_to_chance": torch.tensor(r), "chance_loss": torch.tensor(math.log(511)),
+                     "top1_accuracy": torch.tensor(t), "top1_chance": torch.tensor(top1_chance)}
+            before = set(monitor.raised)
+            monitor.update(stats)
+            for k in monitor.raised.keys() - before:
+                first[k] = step
+    return first
+
+
+def test_stuck_at_chance_is_reported_after_the_warm_up():
+    """The lr = 1e4 digits run's shape: loss/chance 1 ± a few %, top-1 about a random ranking's.
+    The exact-collapse check (1e-3) cannot see it; the stuck check does, once its warm-up
+    (stuck_after) and window are over — and not before."""
+    g = torch.Generator().manual_seed(0)
+    n = 120
+    ratios = (1 + 0.02 * torch.randn(n, generator=g)).tolist()
+    top1s = ((1 + torch.rand(n, generator=g)) / 511).tolist()  # 1-2 x chance
+    m = fx.HealthMonitor()
+    first = _feed(m, ratios, top1s)
+    assert "collapse" not in first
+    assert m.stuck_after < first["stuck"] <= m.stuck_after + 2 * m.stuck_window, first
+    assert "learning nothing" in m.raised["stuck"]
+    assert _feed(fx.HealthMonitor(), ratios[:m.stuck_after], top1s[:m.stuck_after]) == {}
+
+
+def test_stuck_check_leaves_a_learning_run_alone():
+    """The default digits run's shape: loss/chance 0.99 falling to 0.8 over the first 50 steps,
+    top-1 5-25 x chance; also a run that is still at chance but whose top-1 is far above it,
+    and one at chance whose loss has started to fall."""
+    n = 150
+    falling = [max(0.99 - 0.004 * i, 0.8) for i in range(n)]
+    rising = [min(0.01 + 0.001 * i, 0.05) for i in range(n)]
+    assert _feed(fx.HealthMonitor(), falling, rising) == {}
+    assert _feed(fx.HealthMonitor(), [0.995] * n, [0.05] * n) == {}  # at chance, but ranking well
+    starting = [0.995] * 40 + [0.995 - 0.003 * i for i in range(n - 40)]  # falls from step 41 on
+    assert _feed(fx.HealthMonitor(), starting, [1 / 511] * n) == {}
+
+
+def test_stuck_check_arguments_are_checked():
+    for kw in ({"stuck_window": 0}, {"stuck_after": -1}, {"stuck_tol": -0.1}, {"stuck_top1": float("inf")}):
+        with pytest.raises(ValueError, match=next(iter(kw))):
+            fx.HealthMonitor(**kw)

@@ -4,6 +4,7 @@ Margins: measured on 2 CPU cores, the digits CNN (width 16) after 20 SimCLR epoc
 98.6-98.9% test accuracy against 92.2-93.9% for the same network at random init (seeds 0-2:
 +5.0 to +6.4 points); the test asserts +3 points.
 """
+import csv
 import os
 import subprocess
 import sys
@@ -17,7 +18,7 @@ pytest.importorskip("torchvision")
 
 from fastntxent.train import TrainConfig, run  # noqa: E402
 from fastntxent.train.checkpoint import CheckpointError, load_checkpoint  # noqa: E402
-from fastntxent.train.cli import main  # noqa: E402
+from fastntxent.train.cli import build_parser, main  # noqa: E402
 from fastntxent.train.data import DataNotFoundError  # noqa: E402
 
 SIMCLR_MARGIN = 0.03
@@ -38,6 +39,8 @@ def test_simclr_beats_random_init(tmp_path):
     s = run(_cfg(tmp_path, method="simclr", epochs=20, plot=True, knn_every=5), log=_quiet)
     margin = s["probe_accuracy"] - s["baseline_probe_accuracy"]
     assert margin >= SIMCLR_MARGIN, s
+    assert s["health"]["warnings"] == [], s["health"]  # a healthy run: no false alarm
+    assert 0 < s["health"]["loss_to_chance"] < 0.9 and s["health"]["embedding_std_sqrt_d"] > 0.3, s["health"]
     for f in ("config.json", "log.csv", "summary.json", "curves.png", "last.pt", "backbone.pt"):
         assert os.path.isfile(os.path.join(s["run_dir"], f)), f
 
@@ -46,6 +49,7 @@ def test_moco_beats_random_init(tmp_path):
     s = run(_cfg(tmp_path, method="moco", epochs=20), log=_quiet)
     margin = s["probe_accuracy"] - s["baseline_probe_accuracy"]
     assert margin >= MOCO_MARGIN, s
+    assert s["health"]["warnings"] == [], s["health"]
 
 
 def _assert_same_state(a, b):
@@ -157,30 +161,34 @@ def test_python_dash_m_help():
 
 
 @pytest.mark.parametrize("method,symmetric", [("simclr", False), ("moco", False), ("moco", True)])
-def test_grad_cache_one_chunk_equals_plain_step(tmp_path, method, symmetric):
-    """--grad-cache-chunk equal to the batch (one chunk: a no-grad forward, the loss, the
+def test_chunked_one_chunk_equals_plain_step(tmp_path, method, symmetric):
+    """--chunk-size equal to the batch (one chunk: a no-grad forward, the loss, the
     re-run with the cached embedding gradients) trains bit for bit like the plain step; a
     chunk that does not divide the batch trains too (BatchNorm per chunk: close, not equal)."""
     common = dict(method=method, symmetric=symmetric, epochs=1, probe=False, batch_size=256)
     states = {}
-    for name, chunk in (("plain", None), ("one", 256), ("split", 100)):
-        run(_cfg(tmp_path, run_dir=str(tmp_path / name), grad_cache_chunk=chunk, **common), log=_quiet)
+    for name, chunk in (("plain", 0), ("one", 256), ("split", 100)):
+        run(_cfg(tmp_path, run_dir=str(tmp_path / name), chunk_size=chunk, **common), log=_quiet)
         states[name] = load_checkpoint(str(tmp_path / name))
     _assert_same_state(states["plain"], states["one"])
     plain, split = states["plain"]["history"][0]["loss"], states["split"]["history"][0]["loss"]
     assert split != plain and abs(split - plain) < 0.05 * plain, (split, plain)
 
 
-def test_grad_cache_chunk_flag_is_range_checked(tmp_path):
-    assert main(["--grad-cache-chunk", "0", "--no-progress", "--out-dir", str(tmp_path)]) == 2
-    with pytest.raises(ValueError, match="--grad-cache-chunk must be >= 1"):
-        TrainConfig(grad_cache_chunk=-3).resolved()
+def test_chunk_size_flag(tmp_path, capsys):
+    assert main(["--chunk-size", "-1", "--no-progress", "--out-dir", str(tmp_path)]) == 2
+    with pytest.raises(ValueError, match="--chunk-size must be >= 0"):
+        TrainConfig(chunk_size=-3).resolved()
+    parser = build_parser()
+    assert parser.parse_args([]).chunk_size == 0  # off
+    assert parser.parse_args(["--grad-cache-chunk", "64"]).chunk_size == 64  # the former name
+    assert "deprecated, use --chunk-size" in capsys.readouterr().err
 
 
-def test_grad_cache_under_torchrun_equals_ddp(tmp_path):
-    """2 processes (gloo, CPU): --grad-cache-chunk equal to the local batch (the local gradients
+def test_chunked_under_torchrun_equals_ddp(tmp_path):
+    """2 processes (gloo, CPU): --chunk-size equal to the local batch (the local gradients
     averaged in one all-reduce, no DDP wrapper) trains bit for bit like the DDP step."""
-    for name, extra in (("ddp", []), ("chunked", ["--grad-cache-chunk", "128"])):
+    for name, extra in (("ddp", []), ("chunked", ["--chunk-size", "128"])):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                "-m", "fastntxent.train", "--device", "cpu", "--epochs", "1", "--batch-size", "128",
                "--no-probe", "--no-progress", "--no-plot", "--knn-every", "0",
@@ -189,3 +197,103 @@ def test_grad_cache_under_torchrun_equals_ddp(tmp_path):
                            env=dict(os.environ, OMP_NUM_THREADS="1"))
         assert p.returncode == 0, p.stderr[-3000:]
     _assert_same_state(load_checkpoint(str(tmp_path / "ddp")), load_checkpoint(str(tmp_path / "chunked")))
+
+
+def test_synthetic_dataset_is_deterministic_and_trains(tmp_path, monkeypatch):
+    """--dataset synthetic: random uint8 images of CIFAR's shape and random labels from --seed;
+    a chunked SimCLR run on it goes through the whole trainer (fewer images here, for time)."""
+    from fastntxent.train import data
+
+    a, b, c = data.load_synthetic_bundle(0), data.load_synthetic_bundle(0), data.load_synthetic_bundle(1)
+    assert a.train_images.shape == (data.SYNTHETIC_TRAIN, 3, 32, 32) and a.train_images.dtype == torch.uint8
+    assert torch.equal(a.train_images, b.train_images) and torch.equal(a.test_labels, b.test_labels)
+    assert not torch.equal(a.train_images, c.train_images)
+    cfg = TrainConfig(dataset="synthetic").resolved()
+    assert (cfg.arch, cfg.cifar_stem, cfg.crop_size, cfg.epochs) == ("resnet18", True, 32, 1)
+    monkeypatch.setattr(data, "SYNTHETIC_TRAIN", 128)
+    monkeypatch.setattr(data, "SYNTHETIC_TEST", 64)
+    s = run(_cfg(tmp_path, dataset="synthetic", arch="digits_cnn", width=4, proj_hidden_dim=32,
+                 proj_output_dim=16, batch_size=64, chunk_size=24, probe=False), log=_quiet)
+    assert s["finished"] and s["knn_accuracy"] is not None
+
+
+# -- health (issue 21): the failures reproduced end to end, --on-collapse ------------------
+def _patch_method(monkeypatch, change):
+    """Every method the trainer builds is passed through change(method) first."""
+    import fastntxent.train.trainer as T
+
+    build = T._build_method
+    monkeypatch.setattr(T, "_build_method", lambda cfg, c: change(build(cfg, c)))
+
+
+def _kinds(summary) -> dict:
+    """warning kind -> the first epoch it was raised in."""
+    out = {}
+    for w in summary["health"]["warnings"]:
+        out.setdefault(w["kind"], w["epoch"])
+    return out
+
+
+def _zero_last_layer(method):
+    """All embeddings equal: the projection's last Linear outputs its bias only."""
+    last = method.projector[-1]
+    with torch.no_grad():
+        last.weight.zero_()
+    last.weight.requires_grad_(False)
+    return method
+
+
+def test_constant_encoder_loss_is_ln_m_minus_1_and_collapse_is_reported(tmp_path, monkeypatch):
+    import math
+
+    _patch_method(monkeypatch, _zero_last_layer)
+    s = run(_cfg(tmp_path, epochs=5, probe=False, width=4), log=_quiet)  # 25 steps, patience 20
+    kinds = _kinds(s)
+    assert kinds.get("std") == 1 and kinds.get("collapse") == 4, kinds  # step 1; step 20 = epoch 4
+    log = list(csv.DictReader(open(os.path.join(s["run_dir"], "log.csv"))))
+    for row in log:  # M = 2 x 256 rows: ln(511), to 1e-6 relative (2 float32 ulps)
+        assert abs(float(row["loss"]) / math.log(511) - 1) < 1e-6, row["loss"]
+        assert abs(float(row["loss_to_chance"]) - 1) < 1e-6 and float(row["embedding_std_sqrt_d"]) == 0
+    assert log[0]["health_warnings"] == "std;rank" and log[3]["health_warnings"] == "collapse"
+
+
+def test_identical_views_stop_the_run_with_a_checkpoint(tmp_path, monkeypatch):
+    """No augmentation (both views the same images): the trivial-task warning, and with
+    --on-collapse stop a checkpoint and TrainingCollapsed naming the cause."""
+    from fastntxent.train.trainer import PretrainLoader, TrainingCollapsed
+
+    epoch = PretrainLoader.epoch
+
+    def same_views(self, e, s=0):
+        for v1, _ in epoch(self, e, s):
+            yield v1, v1.clone()
+    monkeypatch.setattr(PretrainLoader, "epoch", same_views)
+    with pytest.raises(TrainingCollapsed, match="Check your augmentations") as e:
+        run(_cfg(tmp_path, epochs=3, probe=False, width=4, on_collapse="stop",
+                 run_dir=str(tmp_path / "same")), log=_quiet)
+    assert (e.value.epoch, e.value.step) == (1, 1)
+    st = load_checkpoint(str(tmp_path / "same"))
+    assert (st["epoch"], st["step_in_epoch"], st["global_step"]) == (0, 1, 1)
+
+
+def test_rank_two_projection_is_reported(tmp_path, monkeypatch):
+    def rank_two(method):
+        last = method.projector[-1]
+        method.projector[-1] = torch.nn.Sequential(torch.nn.Linear(last.in_features, 2, bias=False),
+                                                   torch.nn.Linear(2, last.out_features, bias=False))
+        return method
+    _patch_method(monkeypatch, rank_two)
+    s = run(_cfg(tmp_path, epochs=1, probe=False, width=4), log=_quiet)
+    assert "rank" in _kinds(s) and s["health"]["effective_rank"] <= 2, s["health"]
+
+
+def test_absurd_learning_rate_is_stopped(tmp_path, capsys):
+    """--lr 1e4 on digits: the loss stays near chance (it does not diverge, so nothing else
+    stops it); --on-collapse stop ends the 60-epoch run within its first epochs, exit code 3."""
+    run_dir = tmp_path / "lr"
+    code = main(["--lr", "1e4", "--on-collapse", "stop", "--no-progress", "--no-plot",
+                 "--run-dir", str(run_dir)])
+    err = capsys.readouterr().err
+    assert code == 3, err
+    assert "stopped (--on-collapse stop)" in err and "checkpoint saved" in err
+    assert load_checkpoint(str(run_dir))["epoch"] <= 2

@@ -10,23 +10,26 @@ import dataclasses
 import sys
 import typing
 
-from .config import ARCHS, DATASETS, METHODS, OPTIMIZERS, ConfigError, TrainConfig
+from .config import ARCHS, DATASETS, METHODS, ON_COLLAPSE, OPTIMIZERS, ConfigError, TrainConfig
 
 _HELP = {
     "method": "simclr (NT-Xent) or moco (MoCo v2, InfoNCE with a memory queue)",
-    "dataset": "digits (offline, default) or a torchvision dataset under --data-dir",
+    "dataset": "digits (offline, default), synthetic (random 3x32x32 images from --seed, for throughput "
+               "and memory measurement) or a torchvision dataset under --data-dir",
     "data_dir": "root of cifar10/cifar100/stl10 (torchvision layout) or of an ImageFolder "
                 "with train/ and val/; nothing is downloaded",
     "arch": "encoder: digits_cnn, resnet18, resnet50 (auto: digits_cnn on digits, else resnet18)",
     "cifar_stem": "ResNet 3x3 stride-1 first conv without max-pool (default: on for CIFAR)",
-    "epochs": "training epochs (default 60 on digits, 1000 otherwise)",
+    "epochs": "training epochs (default 60 on digits, 1 on synthetic, 1000 otherwise)",
     "stop_after_epochs": "checkpoint and exit after this epoch (a time slice of a longer run; >= 1)",
     "knn_every": "kNN evaluation every this many epochs (0: only after the last)",
     "ckpt_every": "checkpoint every this many epochs (0: only at the end and on a stop)",
     "batch_size": "batch size per process (default 256)",
-    "grad_cache_chunk": "gradient caching: run the encoder on this many images at a time (>= 1; "
-                        "same gradients, activation memory of one chunk, one extra forward; "
-                        "BatchNorm statistics per chunk; unset: the whole batch in one call)",
+    "chunk_size": "gradient caching (SimCLR, MoCo): run the encoder on this many images at a time "
+                  "(same gradients, activation memory of one chunk, one extra forward; BatchNorm "
+                  "statistics per chunk; 0: off, the whole batch in one call)",
+    "on_collapse": "when the health monitor finds a silent failure (collapse, loss stuck at chance, "
+                   "identical views, ...): warn (print it, keep training) or stop (checkpoint, exit 3)",
     "lr": "learning rate per 256 samples of global batch, scaled linearly",
     "temperature": "loss temperature (default 0.2)",
     "queue_size": "MoCo queue length (default 512 on digits, 32768 otherwise)",
@@ -38,7 +41,7 @@ _HELP = {
     "precision": "auto (bf16 autocast on CUDA, fp32 on CPU), bf16 or fp32",
     "loss_backend": "fastntxent backend for the loss: auto, cpu, triton, cuda, reference",
 }
-_CHOICES = {"method": METHODS, "dataset": DATASETS, "arch": ARCHS, "optimizer": OPTIMIZERS,
+_CHOICES = {"method": METHODS, "dataset": DATASETS, "on_collapse": ON_COLLAPSE, "arch": ARCHS, "optimizer": OPTIMIZERS,
             "precision": ("auto", "bf16", "fp32"), "loss_backend": ("auto", "cpu", "triton", "cuda", "reference")}
 
 
@@ -96,7 +99,17 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
         else:
             p.add_argument(flag, type=t, choices=_CHOICES.get(f.name), **kw)
+    p.add_argument("--grad-cache-chunk", dest="chunk_size", type=int, default=argparse.SUPPRESS,
+                   action=_DeprecatedAlias, help=argparse.SUPPRESS)
     return p
+
+
+class _DeprecatedAlias(argparse.Action):
+    """--grad-cache-chunk N: the former name of --chunk-size N (a note on stderr)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"{parser.prog}: note: {option_string} is deprecated, use --chunk-size", file=sys.stderr)
+        setattr(namespace, self.dest, values)
 
 
 def main(argv=None) -> int:
@@ -109,7 +122,8 @@ def main(argv=None) -> int:
         return 2
     from .checkpoint import CheckpointError
     from .data import DataNotFoundError
-    from .trainer import TrainingInterrupted, run
+    from .health import summary_line
+    from .trainer import TrainingCollapsed, TrainingInterrupted, run
 
     try:
         s = run(cfg)
@@ -117,6 +131,10 @@ def main(argv=None) -> int:
         print(f"\ninterrupted: checkpoint saved to {e.path}\n"
               f"continue with: fastntxent-pretrain --resume {e.path} [same options]", file=sys.stderr)
         return 128 + int(e.signum)
+    except TrainingCollapsed as e:
+        print(f"\nfastntxent-pretrain: stopped (--on-collapse stop) at epoch {e.epoch}, step {e.step}: "
+              f"{e.reason}\ncheckpoint saved to {e.path}", file=sys.stderr)
+        return 3
     except (CheckpointError, DataNotFoundError, ConfigError, FloatingPointError) as e:
         # (ConfigError here: a setting that only the data can refute, e.g. a batch larger than the
         # dataset; FloatingPointError: the loss diverged, the message says which flags to change)
@@ -136,6 +154,8 @@ def main(argv=None) -> int:
         print(line)
     if s.get("knn_accuracy") is not None:
         print(f"kNN accuracy (test): {s['knn_accuracy']:.4f}")
+    if s.get("health") is not None:
+        print(summary_line(s["health"]))
     print(f"run directory: {s['run_dir']}  ({s['wall_seconds']:.0f} s)")
     return 0
 

@@ -6,7 +6,8 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 METHODS = ("simclr", "moco")
-DATASETS = ("digits", "cifar10", "cifar100", "stl10", "imagefolder")
+DATASETS = ("digits", "synthetic", "cifar10", "cifar100", "stl10", "imagefolder")
+ON_COLLAPSE = ("warn", "stop")
 ARCHS = ("auto", "digits_cnn", "resnet18", "resnet50")
 OPTIMIZERS = ("auto", "lars", "sgd", "adamw")
 
@@ -39,7 +40,7 @@ _RANGES = (
     ("ckpt_every", 0, True, None), ("temperature", 0.0, False, None),
     # seeds feed torch.Generator.manual_seed(seed * 1_000_003 + epoch) and numpy: keep them in 32 bits
     ("seed", 0, True, 2**32 - 1),
-    ("grad_cache_chunk", 1, True, None),
+    ("chunk_size", 0, True, None),
 )
 
 
@@ -83,7 +84,7 @@ class TrainConfig:
     epochs: Optional[int] = None            # None: 60 on digits, 1000 otherwise
     stop_after_epochs: Optional[int] = None  # checkpoint and exit after this many (time-sliced jobs)
     batch_size: Optional[int] = None        # per process; None: 256
-    grad_cache_chunk: Optional[int] = None  # None: off; else the encoder runs on this many images at a time
+    chunk_size: int = 0                     # 0: off; else the encoder runs on this many images at a time
     optimizer: str = "auto"                 # simclr -> lars, moco -> sgd
     lr: Optional[float] = None              # per 256 samples of global batch (scaled linearly)
     weight_decay: Optional[float] = None
@@ -116,6 +117,7 @@ class TrainConfig:
     resume: Optional[str] = None
     ckpt_every: int = 1
     progress: bool = True
+    on_collapse: str = "warn"               # the HealthMonitor found a silent failure: warn, or stop
     plot: bool = True
     extra: dict = field(default_factory=dict)
 
@@ -130,12 +132,14 @@ class TrainConfig:
             raise ConfigError(f"--arch must be one of {ARCHS}, got {c.arch!r}")
         if c.optimizer not in OPTIMIZERS:
             raise ConfigError(f"--optimizer must be one of {OPTIMIZERS}, got {c.optimizer!r}")
+        if c.on_collapse not in ON_COLLAPSE:
+            raise ConfigError(f"--on-collapse must be one of {ON_COLLAPSE}, got {c.on_collapse!r}")
         digits = c.dataset == "digits"
         moco = c.method == "moco"
         if c.arch == "auto":
             c.arch = "digits_cnn" if digits else "resnet18"
         if c.cifar_stem is None:
-            c.cifar_stem = c.dataset in ("cifar10", "cifar100")
+            c.cifar_stem = c.dataset in ("cifar10", "cifar100", "synthetic")
         if c.proj_hidden_dim is None:
             c.proj_hidden_dim = 256 if digits else 2048
         if c.proj_output_dim is None:
@@ -145,7 +149,7 @@ class TrainConfig:
         if c.queue_size is None:
             c.queue_size = 512 if digits else 32768
         if c.epochs is None:
-            c.epochs = 60 if digits else 1000
+            c.epochs = 60 if digits else 1 if c.dataset == "synthetic" else 1000
         if c.batch_size is None:
             c.batch_size = 256
         if c.optimizer == "auto":
@@ -162,7 +166,7 @@ class TrainConfig:
         if c.jitter_strength is None:
             c.jitter_strength = 0.5 if moco else 1.0
         if c.crop_size is None:
-            c.crop_size = {"digits": 8, "cifar10": 32, "cifar100": 32, "stl10": 96,
+            c.crop_size = {"digits": 8, "synthetic": 32, "cifar10": 32, "cifar100": 32, "stl10": 96,
                            "imagefolder": 224}[c.dataset]
         if c.blur_prob is None:
             c.blur_prob = 0.5 if c.crop_size >= 64 else 0.0

@@ -1,9 +1,9 @@
-"""Datasets: scikit-learn's digits (offline default) and torchvision's CIFAR-10/100, STL-10,
-ImageFolder from --data-dir. Nothing is ever downloaded; a missing dataset raises
+"""Datasets: scikit-learn's digits (offline default), synthetic random images (throughput and
+memory measurement) and torchvision's CIFAR-10/100, STL-10, ImageFolder from --data-dir. Nothing is ever downloaded; a missing dataset raises
 DataNotFoundError saying how to get it.
 
 Two kinds of bundle:
-- "tensor" (digits): the whole split lives in a tensor; views are made on the device by the
+- "tensor" (digits, synthetic): the whole split lives in a tensor; views are made on the device by the
   batched DigitsAugment, so an epoch is a few matrix ops and resuming is exact.
 - "dataset" (torchvision): a DataLoader with per-sample SimCLR transforms.
 Both draw batches from EpochBatchSampler: a permutation seeded by (seed, epoch), sharded by
@@ -22,6 +22,7 @@ from .config import ConfigError
 
 DIGITS_SPLIT_SEED = 0
 DIGITS_TEST_FRACTION = 0.2
+SYNTHETIC_TRAIN, SYNTHETIC_TEST, SYNTHETIC_CLASSES = 8192, 1024, 10
 
 
 class DataNotFoundError(FileNotFoundError):
@@ -65,7 +66,7 @@ class DataBundle:
     kind: str                     # "tensor" or "dataset"
     num_classes: int
     in_channels: int
-    # kind == "tensor": images in [0, 1], (N, C, H, W)
+    # kind == "tensor": images in [0, 1], (N, C, H, W), float32 or uint8 (x / 255)
     train_images: Optional[torch.Tensor] = None
     train_labels: Optional[torch.Tensor] = None
     test_images: Optional[torch.Tensor] = None
@@ -100,6 +101,29 @@ def load_digits_bundle() -> DataBundle:
         train_images=xtr, train_labels=y[idx_tr], test_images=x[idx_te], test_labels=y[idx_te],
         mean=xtr.mean().reshape(1, 1, 1, 1), std=xtr.std().reshape(1, 1, 1, 1),
         info={"train": len(idx_tr), "test": len(idx_te)})
+
+
+def load_synthetic_bundle(seed: int) -> DataBundle:
+    """Random images of CIFAR's shape (3x32x32, uint8 pixels, uniform) and random labels out of
+    10, the same for the same seed: for throughput and memory measurement (--batch-size up to
+    8192 on one process), not for learning anything."""
+    g = torch.Generator().manual_seed(seed)
+    n = SYNTHETIC_TRAIN + SYNTHETIC_TEST
+    x = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g)
+    y = torch.randint(0, SYNTHETIC_CLASSES, (n,), generator=g)
+    xtr = x[:SYNTHETIC_TRAIN]
+    mean = xtr.float().mean(dim=(0, 2, 3)).reshape(1, 3, 1, 1) / 255
+    std = xtr.float().std(dim=(0, 2, 3)).reshape(1, 3, 1, 1) / 255
+    return DataBundle(
+        name="synthetic", kind="tensor", num_classes=SYNTHETIC_CLASSES, in_channels=3,
+        train_images=xtr, train_labels=y[:SYNTHETIC_TRAIN], test_images=x[SYNTHETIC_TRAIN:],
+        test_labels=y[SYNTHETIC_TRAIN:], mean=mean, std=std,
+        info={"train": SYNTHETIC_TRAIN, "test": SYNTHETIC_TEST, "seed": seed})
+
+
+def as_unit_float(x: torch.Tensor) -> torch.Tensor:
+    """A tensor bundle's images as float32 in [0, 1] (uint8 pixels divided by 255)."""
+    return x.float().div_(255) if x.dtype == torch.uint8 else x
 
 
 _HOWTO = {
@@ -173,6 +197,8 @@ def load_torchvision_bundle(cfg) -> DataBundle:
 def build_data(cfg) -> DataBundle:
     if cfg.dataset == "digits":
         return load_digits_bundle()
+    if cfg.dataset == "synthetic":
+        return load_synthetic_bundle(cfg.seed)
     return load_torchvision_bundle(cfg)
 
 
@@ -198,7 +224,7 @@ class PretrainLoader:
         self.sampler.set_epoch(epoch, start_step)
         if self.bundle.kind == "tensor":
             for idx in self.sampler:
-                x = self.images[torch.tensor(idx, device=self.device)]
+                x = as_unit_float(self.images[torch.tensor(idx, device=self.device)])
                 yield self.augment(x), self.augment(x)
         else:
             g = torch.Generator().manual_seed(self.seed * 7919 + epoch)  # worker seeds
@@ -217,7 +243,7 @@ def eval_batches(bundle: DataBundle, split: str, device, batch_size: int = 512, 
         y = bundle.train_labels if split == "train" else bundle.test_labels
         mean, std = bundle.mean.to(device), bundle.std.to(device)
         for i in range(0, len(x), batch_size):
-            yield (x[i:i + batch_size].to(device) - mean) / std, y[i:i + batch_size]
+            yield (as_unit_float(x[i:i + batch_size].to(device)) - mean) / std, y[i:i + batch_size]
     else:
         ds = bundle.train_eval_set if split == "train" else bundle.test_eval_set
         loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False,

@@ -1,6 +1,6 @@
 """What the trainer adds to fastntxent.distributed (is_initialized, world_size, rank, the
 gathers): process-group setup under torchrun, cleanup, barrier, a cross-rank flag and the
-gradient average of --grad-cache-chunk steps."""
+gradient average of --chunk-size steps."""
 from __future__ import annotations
 
 import os

@@ -29,7 +29,10 @@ class PretrainMethod(Protocol):
         from the same image; B is the per-process batch. Returns ``(loss, stats)``: loss a
         0-dim float32 tensor with gradient (under torchrun the loss of the global batch, see
         fastntxent.distributed); stats 0-dim tensors without gradient, at least
-        ``"top1_accuracy"`` (fraction of anchors whose positive has the largest logit).
+        ``"top1_accuracy"`` (fraction of anchors whose positive has the largest logit), and
+        for the health monitor the loss's health statistics (``return_stats=True`` of a
+        fastntxent loss: ``loss_to_chance``, ``embedding_std``, ...) and ``"embeddings"``:
+        the (M, D) rows the loss saw, detached (the trainer pops it; optional).
         Called once per step inside the trainer's autocast; may update non-parameter state
         (MoCo enqueues its keys).
         """
@@ -41,7 +44,7 @@ class PretrainMethod(Protocol):
 
     def grad_cache_backward(self, x1: torch.Tensor, x2: torch.Tensor,
                             chunk_size: int) -> tuple[torch.Tensor, Stats]:
-        """``--grad-cache-chunk``: what ``forward`` computes, plus the backward, with the
+        """``--chunk-size``: what ``forward`` computes, plus the backward, with the
         encoder run on ``chunk_size`` images at a time (fastntxent.chunked.chunked_backward).
         Leaves the gradients in ``.grad`` (local ones: the trainer averages them over ranks)
         and returns ``(loss, stats)`` detached; same side effects as ``forward``. Called

@@ -44,13 +44,16 @@ class MoCo(nn.Module):
         return F.normalize(self.momentum_projector(self.momentum_backbone(x)).float(), dim=1)
 
     def _loss(self, queries: tuple, keys: tuple, queue: torch.Tensor) -> tuple[torch.Tensor, Stats]:
-        """queries (q1,) against keys (k2,), or symmetric (q1, q2) against (k1, k2)."""
+        """queries (q1,) against keys (k2,), or symmetric (q1, q2) against (k1, k2); the stats
+        carry the queries as "embeddings" (for the trainer's health monitor)."""
+        embeddings = torch.cat(queries).detach()
         if not self.symmetric:
-            return self.loss_fn(queries[0], keys[0], queue=queue, return_stats=True)
+            loss, stats = self.loss_fn(queries[0], keys[0], queue=queue, return_stats=True)
+            return loss, dict(stats, embeddings=embeddings)
         (q1, q2), (k1, k2) = queries, keys
         l1, s1 = self.loss_fn(q1, k2, queue=queue, return_stats=True)
         l2, s2 = self.loss_fn(q2, k1, queue=queue, return_stats=True)
-        return (l1 + l2) / 2, {k: (s1[k] + s2[k]) / 2 for k in s1}
+        return (l1 + l2) / 2, dict({k: (s1[k] + s2[k]) / 2 for k in s1}, embeddings=embeddings)
 
     def forward(self, x1: torch.Tensor, x2: torch.Tensor) -> tuple[torch.Tensor, Stats]:
         queue = self.queue.keys.clone()  # negatives: the queue as it was before this batch

@@ -26,15 +26,18 @@ class SimCLR(nn.Module):
 
     def forward(self, x1: torch.Tensor, x2: torch.Tensor) -> tuple[torch.Tensor, Stats]:
         z1, z2 = self.projector(self.backbone(torch.cat([x1, x2]))).chunk(2)
-        return self.loss_fn(z1, z2, return_stats=True)
+        return self._loss(z1, z2)
+
+    def _loss(self, z1: torch.Tensor, z2: torch.Tensor) -> tuple[torch.Tensor, Stats]:
+        loss, stats = self.loss_fn(z1, z2, return_stats=True)
+        return loss, dict(stats, embeddings=torch.cat([z1, z2]).detach())
 
     def grad_cache_backward(self, x1: torch.Tensor, x2: torch.Tensor,
                             chunk_size: int) -> tuple[torch.Tensor, Stats]:
         """forward + backward with the encoder run on chunk_size images at a time (both views
         of a chunk's images in one call, as forward does for the batch): fastntxent.chunked."""
         encoder = lambda x: self.projector(self.backbone(x))  # noqa: E731
-        return chunked_backward(encoder, [x1, x2], lambda z1, z2: self.loss_fn(z1, z2, return_stats=True),
-                                chunk_size, concat_views=True)
+        return chunked_backward(encoder, [x1, x2], self._loss, chunk_size, concat_views=True)
 
     def after_step(self, step: int, total_steps: int) -> None:
         pass

@@ -23,6 +23,7 @@ from torch import nn
 
 from . import checkpoint as C
 from . import distributed as D
+from . import health as H
 from . import runlog
 from ..distributed import is_initialized, rank, world_size
 from .config import TrainConfig
@@ -39,6 +40,15 @@ class TrainingInterrupted(Exception):
     def __init__(self, signum: int, path: str):
         self.signum, self.path = signum, path
         super().__init__(f"{signal.Signals(signum).name}: checkpoint saved to {path}")
+
+
+class TrainingCollapsed(Exception):
+    """--on-collapse stop: the health monitor found a silent failure; a checkpoint was saved
+    at ``path``. ``reason`` is the monitor's message."""
+
+    def __init__(self, reason: str, path: str, epoch: int, step: int):
+        self.reason, self.path, self.epoch, self.step = reason, path, epoch, step
+        super().__init__(f"stopped at epoch {epoch}, step {step}: {reason} (checkpoint saved to {path})")
 
 
 class _StopOnSignal:
@@ -102,7 +112,7 @@ def _run_dir(cfg: TrainConfig, resume_path: Optional[str]) -> str:
 
 def _new_accum() -> dict:
     """The running sums of an epoch (checkpointed, so a mid-epoch resume continues them)."""
-    return {"loss": 0.0, "top1": 0.0, "n": 0, "seconds": 0.0}
+    return {"loss": 0.0, "top1": 0.0, "n": 0, "seconds": 0.0, **H.new_sums()}
 
 
 class Trainer:
@@ -162,6 +172,8 @@ class Trainer:
         self.start_epoch, self.step_in_epoch, self.global_step = 0, 0, 0
         self.history: list[dict] = []
         self.accum = _new_accum()
+        self.health = H.TrainingHealth()  # fastntxent.HealthMonitor with its documented defaults
+        self.embedding_dim: Optional[int] = None
 
     def _resume(self) -> dict:
         """Load --resume into the method, optimiser, scheduler and loop state; returns the
@@ -206,7 +218,7 @@ class Trainer:
             self.say(f"resuming from {resume_path} at epoch {self.start_epoch + 1}, step {self.step_in_epoch}")
 
     def _wrap_ddp(self):
-        if self.world == 1 or self.cfg.grad_cache_chunk is not None:  # (that step averages itself)
+        if self.world == 1 or self.cfg.chunk_size:  # (the chunked step averages its gradients itself)
             return self.method
         return nn.parallel.DistributedDataParallel(
             self.method, device_ids=[self.device.index] if self.device.type == "cuda" else None,
@@ -235,23 +247,51 @@ class Trainer:
                   dynamic_ncols=True, desc=f"epoch {epoch + 1}/{cfg.epochs}",
                   disable=not (self.main and cfg.progress)) as bar:
             for i, (x1, x2) in enumerate(bar, start=step0):
-                loss, top1 = self._step(x1, x2)
+                loss, stats, embeddings = self._step(x1, x2)
                 if not np.isfinite(loss):
                     raise FloatingPointError(f"loss became {loss} at epoch {epoch + 1}, step {i}; "
                                              f"lower --lr or raise --temperature")
+                top1 = float(stats.get("top1_accuracy", float("nan")))
                 self.accum["loss"] += loss
                 self.accum["top1"] += top1
                 self.accum["n"] += 1
+                found = self._check_health(stats, embeddings, epoch, i)
                 bar.set_postfix(loss=f"{loss:.3f}", lr=f"{self.optimizer.param_groups[0]['lr']:.3g}")
                 if D.any_flag(stop.signum is not None, self.device):
                     self.accum["seconds"] += time.time() - t0
                     self._interrupt(stop, epoch, i + 1)
+                if self.cfg.on_collapse == "stop" and D.any_flag(bool(found), self.device):
+                    self.accum["seconds"] += time.time() - t0
+                    self._stop_collapsed(found, epoch, i + 1)
         self.accum["seconds"] += time.time() - t0
         self.step_in_epoch = 0
 
-    def _step(self, x1: torch.Tensor, x2: torch.Tensor) -> tuple[float, float]:
-        """One optimiser step; returns the loss and the contrastive top-1 accuracy."""
-        if self.cfg.grad_cache_chunk is None:
+    def _check_health(self, stats: Stats, embeddings, epoch: int, i: int) -> list:
+        """The health monitor on this step's stats; a warning first raised now is printed in
+        the progress bar's log (rank 0). Returns the new (kind, message) pairs."""
+        if embeddings is not None:
+            self.embedding_dim = int(embeddings.shape[1])
+        found = self.health.update(stats, embeddings, self.accum)
+        if self.main:
+            from tqdm.auto import tqdm
+
+            for kind, message in found:
+                line = f"CollapseWarning (epoch {epoch + 1}, step {i + 1}, {kind}): {message}"
+                tqdm.write(line, file=sys.stderr) if self.cfg.progress else self.say(line)
+        return found
+
+    def _stop_collapsed(self, found: list, epoch: int, step_in_epoch: int) -> None:
+        """--on-collapse stop: checkpoint (resumable at the next step), then TrainingCollapsed."""
+        self._save(epoch, step_in_epoch)
+        if self.main:  # log.csv gets the epoch so far (the checkpoint's history does not)
+            runlog.write_csv(os.path.join(self.run_dir, "log.csv"), self.history + [self._epoch_row(epoch)])
+        reason = found[0][1] if found else "another process's health monitor found a failure (see its log)"
+        raise TrainingCollapsed(reason, self.ckpt_path, epoch + 1, step_in_epoch)
+
+    def _step(self, x1: torch.Tensor, x2: torch.Tensor) -> tuple[float, Stats, Optional[torch.Tensor]]:
+        """One optimiser step; returns the loss, the method's stats and the embeddings the
+        loss saw (detached, for the health monitor; None if the method does not give them)."""
+        if not self.cfg.chunk_size:
             with self.autocast():
                 loss, stats = self.model(x1, x2)
             self.optimizer.zero_grad(set_to_none=True)
@@ -262,15 +302,17 @@ class Trainer:
         self.scheduler.step()
         self.method.after_step(self.global_step, self.total_steps)
         self.global_step += 1
-        return float(loss.detach()), float(stats.get("top1_accuracy", float("nan")))
+        stats = dict(stats)
+        embeddings = stats.pop("embeddings", None)
+        return float(loss.detach()), stats, embeddings
 
     def _grad_cache_backward(self, x1: torch.Tensor, x2: torch.Tensor) -> tuple[torch.Tensor, Stats]:
-        """--grad-cache-chunk: the method's forward and backward with the encoder run on that
+        """--chunk-size: the method's forward and backward with the encoder run on that
         many images at a time (fastntxent.chunked); under torchrun the local gradients are
         then averaged over the ranks in one all-reduce, as DDP would (no DDP wrapper here)."""
         self.optimizer.zero_grad(set_to_none=True)
         with self.autocast():
-            loss, stats = self.method.grad_cache_backward(x1, x2, self.cfg.grad_cache_chunk)
+            loss, stats = self.method.grad_cache_backward(x1, x2, self.cfg.chunk_size)
         if self.world > 1:
             D.average_gradients(self.method.parameters())
         return loss, stats
@@ -279,11 +321,8 @@ class Trainer:
         """The epoch's log.csv row (kNN on rank 0 when due), then fresh running sums."""
         from tqdm.auto import tqdm
 
-        cfg, a = self.cfg, self.accum
-        row = {"epoch": epoch + 1, "step": self.global_step, "loss": a["loss"] / max(a["n"], 1),
-               "contrastive_top1": a["top1"] / max(a["n"], 1),
-               "lr": self.optimizer.param_groups[0]["lr"], "knn_accuracy": None,
-               "epoch_seconds": round(a["seconds"], 3)}
+        cfg = self.cfg
+        row = self._epoch_row(epoch)
         last = epoch + 1 == cfg.epochs
         if self.main and (last or (cfg.knn_every > 0 and (epoch + 1) % cfg.knn_every == 0)):
             row["knn_accuracy"] = evaluate_backbone(self.method.backbone, self.bundle, self.device, cfg,
@@ -291,12 +330,24 @@ class Trainer:
         self.history.append(row)
         if self.main:
             knn = f" knn {row['knn_accuracy']:.4f}" if row["knn_accuracy"] is not None else ""
+            health = ""
+            if row.get("loss_to_chance") is not None:
+                health = (f" loss/chance {row['loss_to_chance']:.3f} "
+                          f"std*sqrt(D) {row['embedding_std_sqrt_d']:.3f}")
             msg = (f"epoch {epoch + 1}/{cfg.epochs} loss {row['loss']:.4f} "
-                   f"top1 {row['contrastive_top1']:.3f}{knn} lr {row['lr']:.4g} "
+                   f"top1 {row['contrastive_top1']:.3f}{knn}{health} lr {row['lr']:.4g} "
                    f"({row['epoch_seconds']:.1f}s)")
             tqdm.write(msg) if cfg.progress else self.say(msg)
             runlog.write_csv(os.path.join(self.run_dir, "log.csv"), self.history)
         self.accum = _new_accum()
+
+    def _epoch_row(self, epoch: int) -> dict:
+        """The log.csv row of the running sums (kNN not yet filled in)."""
+        a = self.accum
+        return {"epoch": epoch + 1, "step": self.global_step, "loss": a["loss"] / max(a["n"], 1),
+                "contrastive_top1": a["top1"] / max(a["n"], 1),
+                "lr": self.optimizer.param_groups[0]["lr"], "knn_accuracy": None,
+                "epoch_seconds": round(a["seconds"], 3), **H.epoch_columns(a)}
 
     def _checkpoint(self, epochs_done: int, stop: _StopOnSignal) -> None:
         """After an epoch: save when due (every --ckpt-every epochs and at the stop epoch);
@@ -333,7 +384,8 @@ class Trainer:
                    "arch": cfg.arch, "epochs": cfg.epochs, "epochs_done": self.stop_epoch,
                    "finished": finished, "final_loss": history[-1]["loss"] if history else None,
                    "knn_accuracy": history[-1]["knn_accuracy"] if history else None,
-                   "checkpoint": self.ckpt_path, "rank": self.rank, "world_size": self.world}
+                   "checkpoint": self.ckpt_path, "rank": self.rank, "world_size": self.world,
+                   "health": H.summary(history, self.embedding_dim)}
         if self.main and finished:
             torch.save(self.method.backbone.state_dict(), os.path.join(self.run_dir, "backbone.pt"))
             if cfg.probe:
