@@ -5,6 +5,8 @@ All O(M·D) or O(M); no M×M work here.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .backends import accumulation_dtype
@@ -17,29 +19,24 @@ EPS = 1e-8
 def normalize_rows(z: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """u_i = z_i / max(‖z_i‖, eps): (M, D) → (M, D) in `dtype` (default z's dtype).
 
-    Computed in the accumulation dtype and scale-safe: each row is first divided by its
-    largest magnitude, so that the squared norm neither overflows (rows of 1e20 in fp32) nor
-    underflows. A NaN or inf entry makes its whole row NaN (inf/inf), never a finite row."""
+    Computed in the accumulation dtype and scale-safe: each row is first multiplied by a power
+    of two s_i ≈ 1/max_j |z_ij| (a constant, not differentiated: u is invariant to positive row
+    scaling, so the gradient is unchanged), so the squared norm neither overflows (rows of 1e20
+    in fp32) nor underflows, and ‖z_i‖ < eps ⟺ ‖s_i·z_i‖ < s_i·eps. Every step is per row and
+    O(M·D) with two (M, D) temporaries kept for the backward. A NaN or inf entry makes its whole
+    row NaN, never a finite row."""
     acc = accumulation_dtype(z.dtype)
     x = z.to(acc)
-    zero = torch.zeros_like(x)
-    direct_norm = torch.linalg.vector_norm(x, dim=1, keepdim=True)
-    peak = x.abs().amax(dim=1, keepdim=True)
-    tiny = torch.finfo(acc).tiny ** 0.5
-    # Three kinds of rows, each computed only from its own rows (the others see zeros), so that
-    # no branch that is not taken can put an inf derivative into the gradient (0·inf = NaN):
-    plain = torch.isfinite(direct_norm) & (direct_norm > tiny) & torch.isfinite(peak)
-    small = ~plain & (peak < EPS)              # ‖z‖ < eps for sure, also when ‖z‖² underflows
-    huge = ~plain & ~small                     # ‖z‖² overflows, or a NaN / inf entry
-    u_plain = torch.where(plain, x, zero)
-    u_plain = u_plain / torch.linalg.vector_norm(u_plain, dim=1, keepdim=True).clamp_min(EPS)
-    x_huge = torch.where(huge, x, zero)
-    peak_huge = torch.where(huge & (peak != 0), peak, torch.ones_like(peak))  # NaN / inf peaks kept
-    scaled = x_huge / peak_huge                # entries in [-1, 1]; inf/inf = NaN rows stay NaN
-    u_huge = scaled / torch.linalg.vector_norm(scaled, dim=1, keepdim=True).clamp_min(EPS)
-    u_small = torch.where(small, x, zero) / EPS
-    u = torch.where(plain, u_plain, torch.where(huge, u_huge, u_small))
-    return u.to(dtype or z.dtype)
+    with torch.no_grad():
+        peak = x.abs().amax(dim=1, keepdim=True)
+        # |exponent| ≤ log2(max) − 2 keeps s and s·eps finite; rows further out still end in
+        # [2^-(maxexp-3)·peak, …], far from under- or overflow of the squared norm.
+        limit = float(math.floor(math.log2(torch.finfo(acc).max)) - 2)
+        exponent = torch.floor(torch.log2(peak)).clamp(-limit, limit)
+        scale = torch.where(torch.isfinite(peak), torch.exp2(-exponent), torch.full_like(peak, float("nan")))
+    y = x * scale
+    denominator = torch.maximum(torch.linalg.vector_norm(y, dim=1, keepdim=True), scale * EPS)
+    return (y / denominator).to(dtype or z.dtype)
 
 
 def row_loss(lse: torch.Tensor, pos_sum: torch.Tensor, pos_count: torch.Tensor):
