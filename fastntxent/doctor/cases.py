@@ -3,7 +3,7 @@ how to call it through the public API.
 
 M counts anchor rows: supcon, info_nce and clip_loss take (M, D) tensors; nt_xent takes two
 views of ⌈M/2⌉ rows, multiview_nt_xent three views of ⌈M/3⌉ rows; the MoCo queue has M + 7
-rows. Inputs are fresh standard-normal float64 tensors on the CPU (never zeros); the caller
+rows; siglip_loss takes (M, D) image and text rows. Inputs are fresh standard-normal float64 tensors on the CPU (never zeros); the caller
 rounds them to the dtype under test and moves them to the device.
 """
 from __future__ import annotations
@@ -16,7 +16,8 @@ import torch
 
 import fastntxent as fx
 
-SELF, CROSS = "self", "cross"
+SELF, CROSS, SIGLIP = "self", "cross", "siglip"
+SIGLIP_BIAS = -5.0  # a fixed logit bias for siglip_loss (its scale is the checked scalar)
 
 
 @dataclass
@@ -98,6 +99,9 @@ LOSSES: dict[str, LossCase] = {
         LossCase("clip_loss", CROSS, _pair_inputs("a", "b"),
                  lambda t, e, s, **kw: fx.clip_loss(t["a"], t["b"], s, **kw),
                  reductions=("mean",), scalar_name="logit_scale"),
+        LossCase("siglip_loss", SIGLIP, _pair_inputs("img", "txt"),
+                 lambda t, e, s, **kw: fx.siglip_loss(t["img"], t["txt"], s, SIGLIP_BIAS, **kw),
+                 scalar_name="logit_scale"),
     )
 }
 

@@ -12,7 +12,10 @@ whenever the logits tie) and, with D = 1, the input gradients (every normalised 
 the projection through the normalisation cancels them exactly). Each is therefore measured
 against max(‖b‖, S), S bounding the size of its terms from |logit| ≤ 1/τ: the loss 1/τ
 (×√rows for reduction="none"), the temperature W/τ², the logit scale W, the input gradients
-(D = 1 only, else 1e-6) (W/τ)·‖1/‖z_k‖‖; W is the total upstream weight (1.7 for the mean).
+(W/τ)·‖1/‖z_k‖‖ for D = 1 and else the size of one row's own terms, (w/τ)·‖1/‖z_k‖‖
+with w the upstream weight per row — the gradient also cancels exactly when every other
+column of a row is a positive (nt_xent with N = 1, supcon with one class), where P equals
+the positive weights; W is the total upstream weight (1.7 for the mean).
 Rounding noise of a result that cancels to (nearly) zero is then an error relative to the size
 of the terms that cancelled; a real error of the size of the quantity is still far above
 tolerance × S.
@@ -189,12 +192,20 @@ def _floors(case: LossCase, leaves, variant: Variant, weights) -> dict[str, floa
     scalar_terms = total_weight * (inv_tau ** 2 if case.scalar_name == "temperature" else 1.0)
     floors = {"loss": inv_tau * (math.sqrt(weights.numel()) if none else 1.0),
               f"d{case.scalar_name}": scalar_terms}
+    row_weight = total_weight / max(1, weights.numel() if none else _anchor_rows(leaves))
     for name, leaf in leaves.items():
-        floors[f"d{name}"] = FLOOR
+        norms = torch.linalg.vector_norm(leaf.detach(), dim=-1).clamp_min(reference.EPS)
+        inverse_norms = float((1 / norms).norm())
         if leaf.shape[-1] == 1:
-            norms = torch.linalg.vector_norm(leaf.detach(), dim=-1).clamp_min(reference.EPS)
-            floors[f"d{name}"] = total_weight * inv_tau * float((1 / norms).norm())
+            floors[f"d{name}"] = total_weight * inv_tau * inverse_norms
+        else:  # one row's own terms (its row side): only a cancelling gradient comes near it
+            floors[f"d{name}"] = row_weight * inv_tau * inverse_norms
     return {k: max(v, FLOOR) for k, v in floors.items()}
+
+
+def _anchor_rows(leaves) -> int:
+    """Rows of the batch's first tensor(s): the anchors a mean is taken over (approximately)."""
+    return sum(int(leaf.numel() // leaf.shape[-1]) for leaf in leaves.values())
 
 
 def errors(case: LossCase, got: Outcome, ref: Outcome, floors: dict[str, float]) -> dict[str, float]:
