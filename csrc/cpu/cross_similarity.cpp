@@ -8,7 +8,7 @@
 // (pos_offset ≠ 0 when k holds the keys of all ranks and q the local rows).
 //
 // Forward: each row block streams over column tiles of k and of the queue; the tile is one
-// BLAS product (alpha = scale, tiling.h), then vectorised passes per row (row_kernels.h) update an online max-subtracted
+// BLAS product (tiling.h), then vectorised passes per row (row_kernels.h) update an online max-subtracted
 // logsumexp, Σ P·s (rescaled with it) and the top-1 statistic. CLIP's column logsumexps
 // are the same operator on the transposed problem (q ↔ k).
 // Backward, for L = Σ_i a_i·lse_i + b_i·pos_i (a = grad_lse, b = grad_pos), G_ic = a_i P_ic
@@ -136,9 +136,10 @@ void cross_forward_impl(const CrossInputs& in, acc_t* lse, acc_t* pos, acc_t* ps
       const acc_t* cp = cols.data_ptr<acc_t>();
       for (int64_t c0 = 0; c0 < n; c0 += kColBlock) {
         const int64_t nc = std::min(kColBlock, n - c0);
-        cpu::gemm_tile(qp + r0 * D, nr, cp + c0 * D, nc, D, sc, buf.data());  // logits scale·q·cᵀ
+        cpu::gemm_tile(qp + r0 * D, nr, cp + c0 * D, nc, D, acc_t(1), buf.data());
         for (int64_t r = 0; r < nr; ++r) {
-          const acc_t* s = buf.data() + r * nc;
+          acc_t* s = buf.data() + r * nc;
+          row_ops::scale_row(s, nc, sc);  // logits scale·q·cᵀ
           const int64_t pc = has_pos ? r0 + r + in.offset - c0 : -1;
           const bool pos_here = pc >= 0 && pc < nc;
           // In-batch keys: the positive logit is the tile's own entry (the rounding of the lse
@@ -191,11 +192,11 @@ void cross_backward_impl(const CrossInputs& in, const acc_t* lse, const acc_t* a
       const acc_t* cp = cols.data_ptr<acc_t>();
       for (int64_t c0 = 0; c0 < n; c0 += kColBlock) {
         const int64_t nc = std::min(kColBlock, n - c0);
-        cpu::gemm_tile(qp + r0 * D, nr, cp + c0 * D, nc, D, sc, buf.data());
+        cpu::gemm_tile(qp + r0 * D, nr, cp + c0 * D, nc, D, acc_t(1), buf.data());
         for (int64_t r = 0; r < nr; ++r) {
           const int64_t i = r0 + r;
           acc_t* h = buf.data() + r * nc;
-          row_ops::row_exp(h, nc, a[i], lse[i]);  // a_i P_ic
+          row_ops::row_exp(h, nc, sc, a[i], lse[i]);  // a_i P_ic
           const int64_t pc = has_pos ? i + off - c0 : -1;
           if (pc >= 0 && pc < nc) h[pc] += b[i];
         }
@@ -232,10 +233,10 @@ void cross_backward_impl(const CrossInputs& in, const acc_t* lse, const acc_t* a
     std::fill(g, g + nj * D, acc_t(0));
     for (int64_t i0 = 0; i0 < M; i0 += kColBlock) {
       const int64_t ni = std::min(kColBlock, M - i0);
-      cpu::gemm_tile(kp + j0 * D, nj, qp + i0 * D, ni, D, sc, buf.data());
+      cpu::gemm_tile(kp + j0 * D, nj, qp + i0 * D, ni, D, acc_t(1), buf.data());
       for (int64_t jj = 0; jj < nj; ++jj) {
         acc_t* h = buf.data() + jj * ni;
-        row_ops::column_exp(h, ni, a + i0, lse + i0);  // a_i P_ij
+        row_ops::column_exp(h, ni, sc, a + i0, lse + i0);  // a_i P_ij
         const int64_t pc = j0 + jj - off - i0;  // the query whose positive is key j0 + jj
         if (pc >= 0 && pc < ni) h[pc] += b[i0 + pc];
       }

@@ -17,6 +17,12 @@
 #define FASTNTXENT_ROW_AVX2 1
 #endif
 
+// No fused multiply-adds but the written ones: GCC would otherwise contract the intrinsics'
+// mul + sub (they are plain vector arithmetic to it), and h·sc − lse must round h·sc first,
+// exactly as the forward did, for exp(s − lse) to be 1 where the forward's lse is s.
+#pragma GCC push_options
+#pragma GCC optimize("fp-contract=off")
+
 namespace fastntxent {
 namespace cpu {
 namespace rows {
@@ -30,22 +36,37 @@ inline bool has_avx2() {
 #define FASTNTXENT_AVX2 __attribute__((target("avx2,fma")))
 
 FASTNTXENT_AVX2 inline __m256 exp8(__m256 x) {
-  // exp(x) = 2^n · p(r), n = round(x·log2 e), r = x − n·ln 2 (ln 2 split in two parts).
-  // min/max with x as the second operand keep a NaN x.
+  // exp(x) = 2^n · exp(r + c), n = round(x·log2 e), r + c = x − n·ln 2 kept to ~2^-48 (ln 2
+  // split in a 9-bit head, exact product, and a tail; TwoSum for the rounding of r). Within
+  // 0.6 ulp of the true value (glibc: 0.5): the gradients' a·P + b cancels where P ≈ 1, so a
+  // 1-ulp exp would show there. min/max with x as the second operand keep a NaN x.
   x = _mm256_max_ps(_mm256_set1_ps(-88.3762626647949f), _mm256_min_ps(_mm256_set1_ps(88.3762626647949f), x));
-  __m256 n = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m256 hi = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);  // exact
+  const __m256 lo = _mm256_mul_ps(n, _mm256_set1_ps(2.12194440054690583e-4f));  // x − n·ln2 = hi + lo
+  const __m256 r = _mm256_add_ps(hi, lo);
+  const __m256 bb = _mm256_sub_ps(r, hi);
+  const __m256 c = _mm256_add_ps(_mm256_sub_ps(hi, _mm256_sub_ps(r, bb)), _mm256_sub_ps(lo, bb));  // TwoSum
+  // exp(r) − 1 − r = r²·(1/2! + r/3! + … + r⁶/8!): Taylor to degree 8 (truncation < 3e-10
+  // relative on |r| ≤ ln2/2), coefficients 1/k! rounded to float.
+  __m256 p = _mm256_set1_ps(2.48015873015873e-05f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.98412698412698e-04f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.38888888888889e-03f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.33333333333333e-03f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.16666666666667e-02f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.66666666666667e-01f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+  // exp(r + c) ≈ (1 + r) + (r²·p + c·(1 + r)), 1 + r split exactly into s + e (Fast2Sum):
+  // one rounding of size ulp/2 at the end, the small correction term's own is ~ulp/30.
+  const __m256 one = _mm256_set1_ps(1.0f);
+  const __m256 s = _mm256_add_ps(one, r);
+  const __m256 e = _mm256_add_ps(_mm256_sub_ps(one, s), r);
+  const __m256 q = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(e, _mm256_fmadd_ps(c, r, c)));
+  p = _mm256_add_ps(s, q);
   // 2^n from the exponent bits; n = −127 (x = −88.38, also −inf) gives the bits of +0.
-  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
 }
 
 // Lanes [0, n) of a partial vector: load with zeros elsewhere, store only those lanes.
@@ -98,15 +119,16 @@ FASTNTXENT_AVX2 inline void exp_sums_avx2(const float* s, int64_t n, float m, fl
   ps = hsum8(vps);
 }
 
-// h[c] = ak·exp(h[c] − lk) (if ak ≠ 0) + aj[c]·exp(h[c] − lj[c]) (where aj[c] ≠ 0).
-FASTNTXENT_AVX2 inline void pair_exp_avx2(float* h, int64_t n, float ak, float lk, const float* aj,
+// s = h[c]·sc; h[c] = ak·exp(s − lk) (if ak ≠ 0) + aj[c]·exp(s − lj[c]) (where aj[c] ≠ 0).
+FASTNTXENT_AVX2 inline void pair_exp_avx2(float* h, int64_t n, float sc, float ak, float lk, const float* aj,
                                           const float* lj) {
-  const __m256 vak = _mm256_set1_ps(ak), vlk = _mm256_set1_ps(lk), zero = _mm256_setzero_ps();
+  const __m256 vak = _mm256_set1_ps(ak), vlk = _mm256_set1_ps(lk), vsc = _mm256_set1_ps(sc);
+  const __m256 zero = _mm256_setzero_ps();
   const bool row = ak != 0;
   for (int64_t c = 0; c < n; c += 8) {
     const int64_t w = std::min<int64_t>(8, n - c);
     const __m256i k = tail_mask(w);
-    const __m256 s = _mm256_maskload_ps(h + c, k);
+    const __m256 s = _mm256_mul_ps(_mm256_maskload_ps(h + c, k), vsc);
     const __m256 a = _mm256_maskload_ps(aj + c, k);
     const __m256 l = _mm256_maskload_ps(lj + c, k);
     __m256 v = _mm256_and_ps(_mm256_mul_ps(a, exp8(_mm256_sub_ps(s, l))), _mm256_cmp_ps(a, zero, _CMP_NEQ_UQ));
@@ -115,15 +137,15 @@ FASTNTXENT_AVX2 inline void pair_exp_avx2(float* h, int64_t n, float ak, float l
   }
 }
 
-// h[c] = coef[c]·exp(h[c] − shift[c]) where coef[c] ≠ 0, else 0; coef == nullptr: one
+// h[c] = coef[c]·exp(h[c]·sc − shift[c]) where coef[c] ≠ 0, else 0; coef == nullptr: one
 // coefficient `ck` and shift `sk` for the whole row (the caller ensures ck ≠ 0).
-FASTNTXENT_AVX2 inline void coef_exp_avx2(float* h, int64_t n, float ck, float sk, const float* coef,
+FASTNTXENT_AVX2 inline void coef_exp_avx2(float* h, int64_t n, float sc, float ck, float sk, const float* coef,
                                           const float* shift) {
-  const __m256 zero = _mm256_setzero_ps();
+  const __m256 zero = _mm256_setzero_ps(), vsc = _mm256_set1_ps(sc);
   for (int64_t c = 0; c < n; c += 8) {
     const int64_t w = std::min<int64_t>(8, n - c);
     const __m256i k = tail_mask(w);
-    const __m256 s = _mm256_maskload_ps(h + c, k);
+    const __m256 s = _mm256_mul_ps(_mm256_maskload_ps(h + c, k), vsc);
     __m256 v;
     if (coef == nullptr) {
       v = _mm256_mul_ps(_mm256_set1_ps(ck), exp8(_mm256_sub_ps(s, _mm256_set1_ps(sk))));
@@ -133,6 +155,32 @@ FASTNTXENT_AVX2 inline void coef_exp_avx2(float* h, int64_t n, float ck, float s
       v = _mm256_and_ps(_mm256_mul_ps(a, exp8(_mm256_sub_ps(s, l))), _mm256_cmp_ps(a, zero, _CMP_NEQ_UQ));
     }
     _mm256_maskstore_ps(h + c, k, v);
+  }
+}
+FASTNTXENT_AVX2 inline void where_label_avx2(const float* s, int64_t n, const int32_t* ids, int32_t id, float& sum,
+                                             float& count) {
+  const __m256i vid = _mm256_set1_epi32(id);
+  __m256 vs = _mm256_setzero_ps(), vc = _mm256_setzero_ps();
+  for (int64_t c = 0; c < n; c += 8) {
+    const __m256i k = tail_mask(std::min<int64_t>(8, n - c));
+    const __m256i same = _mm256_and_si256(k, _mm256_cmpeq_epi32(_mm256_maskload_epi32(ids + c, k), vid));
+    vs = _mm256_add_ps(vs, _mm256_and_ps(_mm256_maskload_ps(s + c, same), _mm256_castsi256_ps(same)));
+    vc = _mm256_add_ps(vc, _mm256_and_ps(_mm256_set1_ps(1.0f), _mm256_castsi256_ps(same)));
+  }
+  sum = hsum8(vs);
+  count = hsum8(vc);
+}
+
+FASTNTXENT_AVX2 inline void positive_weights_avx2(float* h, int64_t n, const int32_t* ids, int32_t id, float bk,
+                                                  const float* b) {
+  const __m256i vid = _mm256_set1_epi32(id);
+  const __m256 vbk = _mm256_set1_ps(bk);
+  for (int64_t c = 0; c < n; c += 8) {
+    const __m256i k = tail_mask(std::min<int64_t>(8, n - c));
+    const __m256i same = _mm256_and_si256(k, _mm256_cmpeq_epi32(_mm256_maskload_epi32(ids + c, k), vid));
+    if (_mm256_testz_si256(same, same)) continue;
+    const __m256 w = _mm256_add_ps(vbk, _mm256_maskload_ps(b + c, same));
+    _mm256_maskstore_ps(h + c, same, _mm256_add_ps(_mm256_maskload_ps(h + c, same), w));
   }
 }
 #undef FASTNTXENT_AVX2
@@ -184,52 +232,81 @@ inline void add_exp_sums(const T* s, int64_t n, T m, T& l, T& ps) {
   ps += tps;
 }
 
+// The backward passes take the raw tile h = u·vᵀ and form the logit s = h·sc (one rounding,
+// as the forward's scale_row) before subtracting a logsumexp: where P ≈ 1 the gradient's
+// a·P + b cancels, so the backward must see the forward's logits bit for bit.
+
 // The self family's backward weights of one tile row (s symmetric): in place,
-// h[c] = ak·exp(h[c] − lk) + aj[c]·exp(h[c] − lj[c]), a zero weight contributing exactly 0.
+// h[c] = ak·exp(s − lk) + aj[c]·exp(s − lj[c]), a zero weight contributing exactly 0.
 template <typename T>
-inline void pair_exp(T* h, int64_t n, T ak, T lk, const T* aj, const T* lj) {
+inline void pair_exp(T* h, int64_t n, T sc, T ak, T lk, const T* aj, const T* lj) {
 #ifdef FASTNTXENT_ROW_AVX2
   if constexpr (use_avx2<T>()) {
-    if (has_avx2()) return pair_exp_avx2(h, n, ak, lk, aj, lj);
+    if (has_avx2()) return pair_exp_avx2(h, n, sc, ak, lk, aj, lj);
   }
 #endif
   for (int64_t c = 0; c < n; ++c) {
+    const T s = h[c] * sc;
     T v = 0;
-    if (ak != 0) v += ak * std::exp(h[c] - lk);
-    if (aj[c] != 0) v += aj[c] * std::exp(h[c] - lj[c]);
+    if (ak != 0) v += ak * std::exp(s - lk);
+    if (aj[c] != 0) v += aj[c] * std::exp(s - lj[c]);
     h[c] = v;
   }
 }
 
-// In place h[c] = ck·exp(h[c] − sk) for one row weight ck (0 gives exact zeros).
+// In place h[c] = ck·exp(h[c]·sc − sk) for one row weight ck (0 gives exact zeros).
 template <typename T>
-inline void row_exp(T* h, int64_t n, T ck, T sk) {
+inline void row_exp(T* h, int64_t n, T sc, T ck, T sk) {
   if (ck == 0) {
     std::fill(h, h + n, T(0));
     return;
   }
 #ifdef FASTNTXENT_ROW_AVX2
   if constexpr (use_avx2<T>()) {
-    if (has_avx2()) return coef_exp_avx2(h, n, ck, sk, nullptr, nullptr);
+    if (has_avx2()) return coef_exp_avx2(h, n, sc, ck, sk, nullptr, nullptr);
   }
 #endif
-  for (int64_t c = 0; c < n; ++c) h[c] = ck * std::exp(h[c] - sk);
+  for (int64_t c = 0; c < n; ++c) {
+    const T s = h[c] * sc;
+    h[c] = ck * std::exp(s - sk);
+  }
 }
 
-// In place h[c] = coef[c]·exp(h[c] − shift[c]), a zero coefficient giving exactly 0.
+// In place h[c] = coef[c]·exp(h[c]·sc − shift[c]), a zero coefficient giving exactly 0.
 template <typename T>
-inline void column_exp(T* h, int64_t n, const T* coef, const T* shift) {
+inline void column_exp(T* h, int64_t n, T sc, const T* coef, const T* shift) {
 #ifdef FASTNTXENT_ROW_AVX2
   if constexpr (use_avx2<T>()) {
-    if (has_avx2()) return coef_exp_avx2(h, n, 0, 0, coef, shift);
+    if (has_avx2()) return coef_exp_avx2(h, n, sc, 0, 0, coef, shift);
   }
 #endif
-  for (int64_t c = 0; c < n; ++c) h[c] = coef[c] != 0 ? coef[c] * std::exp(h[c] - shift[c]) : T(0);
+  for (int64_t c = 0; c < n; ++c) {
+    const T s = h[c] * sc;
+    h[c] = coef[c] != 0 ? coef[c] * std::exp(s - shift[c]) : T(0);
+  }
+}
+
+// In place s[c] = h[c]·sc: the logits of one tile row.
+template <typename T>
+inline void scale_row(T* h, int64_t n, T sc) {
+#pragma omp simd
+  for (int64_t c = 0; c < n; ++c) h[c] *= sc;
 }
 
 // Positives of one row: sum += Σ s[c], count += #c over c with ids[c] == id.
 template <typename T>
 inline void add_where_label(const T* s, int64_t n, const int32_t* ids, int32_t id, T& sum, T& count) {
+#ifdef FASTNTXENT_ROW_AVX2
+  if constexpr (use_avx2<T>()) {
+    if (has_avx2()) {
+      float ts, tc;
+      where_label_avx2(s, n, ids, id, ts, tc);
+      sum += ts;
+      count += tc;
+      return;
+    }
+  }
+#endif
   T ts = 0, tc = 0;
 #pragma omp simd reduction(+ : ts, tc)
   for (int64_t c = 0; c < n; ++c) {
@@ -244,6 +321,11 @@ inline void add_where_label(const T* s, int64_t n, const int32_t* ids, int32_t i
 // h[c] += bk + b[c] where ids[c] == id (the positive-indicator part of H).
 template <typename T>
 inline void add_positive_weights(T* h, int64_t n, const int32_t* ids, int32_t id, T bk, const T* b) {
+#ifdef FASTNTXENT_ROW_AVX2
+  if constexpr (use_avx2<T>()) {
+    if (has_avx2()) return positive_weights_avx2(h, n, ids, id, bk, b);
+  }
+#endif
 #pragma omp simd
   for (int64_t c = 0; c < n; ++c) h[c] += ids[c] == id ? bk + b[c] : T(0);
 }
@@ -251,3 +333,5 @@ inline void add_positive_weights(T* h, int64_t n, const int32_t* ids, int32_t id
 }  // namespace rows
 }  // namespace cpu
 }  // namespace fastntxent
+
+#pragma GCC pop_options

@@ -1,7 +1,7 @@
 // Fused CPU kernels of the self-similarity family (docs/maths.md §1).
 //
-// Forward: each row block streams over column blocks; the logit tile is one small matrix
-// product (a direct BLAS call with alpha = 1/τ, tiling.h), then vectorised passes per row
+// Forward: each row block streams over column blocks; the similarity tile is one small
+// matrix product (a direct BLAS call, tiling.h), then vectorised passes per row
 // (row_kernels.h) update an online max-subtracted logsumexp, Σ P·s (rescaled with it), the
 // positive sums/counts and the top-1 statistic. Backward: the tile is recomputed and turned
 // into H_kj = G_kj + G_jk in place (both exps in one pass), then grad[R] += H·u[C]/τ — no M×M
@@ -97,12 +97,13 @@ void forward_impl(const Inputs& in, acc_t* lse, acc_t* pos_sum, acc_t* pos_count
     std::vector<char> best_is_pos(nr, 0);
     for (int64_t c0 = 0; c0 < M; c0 += kColBlock) {
       const int64_t nc = std::min(kColBlock, M - c0);
-      cpu::gemm_tile(up + r0 * D, nr, up + c0 * D, nc, D, inv_tau, buf.data());  // logits s = u·uᵀ/τ
+      cpu::gemm_tile(up + r0 * D, nr, up + c0 * D, nc, D, acc_t(1), buf.data());
       for (int64_t r = 0; r < nr; ++r) {
         const int64_t i = r0 + r;
         const int64_t self = i - c0;  // column of the diagonal in this tile, maybe outside
         const int32_t li = ids[i];
-        const acc_t* s = buf.data() + r * nc;
+        acc_t* s = buf.data() + r * nc;
+        row_ops::scale_row(s, nc, inv_tau);  // logits s = u·uᵀ/τ
         acc_t tmax = neg_inf;
         for_each_range_except(nc, self, [&](int64_t c, int64_t n) { tmax = std::max(tmax, row_ops::max_of(s + c, n)); });
         if (!(tmax > neg_inf)) continue;  // the tile holds only the diagonal
@@ -157,13 +158,13 @@ void backward_impl(const Inputs& in, const acc_t* lse, const acc_t* a, const acc
     for (int64_t c0 = 0; c0 < M; c0 += kColBlock) {
       const int64_t nc = std::min(kColBlock, M - c0);
       const acc_t* cols = up + c0 * D;
-      cpu::gemm_tile(up + r0 * D, nr, cols, nc, D, inv_tau, buf.data());
+      cpu::gemm_tile(up + r0 * D, nr, cols, nc, D, acc_t(1), buf.data());
       for (int64_t r = 0; r < nr; ++r) {
         const int64_t k = r0 + r;
         acc_t* h = buf.data() + r * nc;
         // H_kj = G_kj + G_jk with G_ij = a_i P_ij + b_i [j ∈ P(i)] (s is symmetric): both
         // probabilities from the two rows' lse in one pass.
-        row_ops::pair_exp(h, nc, a[k], lse[k], a + c0, lse + c0);
+        row_ops::pair_exp(h, nc, inv_tau, a[k], lse[k], a + c0, lse + c0);
         row_ops::add_positive_weights(h, nc, ids + c0, ids[k], b[k], b + c0);
         if (k >= c0 && k < c0 + nc) h[k - c0] = 0;
       }
