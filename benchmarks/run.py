@@ -2,6 +2,11 @@
 
     python benchmarks/run.py                          # CPU: M ∈ {1024, 4096, 8192}, D=128, fp32
     python benchmarks/run.py --device cuda --sizes 8192 32768 131072 --dims 128 256 --dtypes bf16
+    python benchmarks/run.py --preset cpu-goals --out benchmarks/results/cpu.csv   # issue 22's goals, ≈ 8 min
+
+--preset cpu-goals measures exactly the points of the CPU kernel's goals (fwd+bwd; fp32, D = 128,
+M = 1024 … 16384 and bf16, D = 512, M = 4096; fused, naive, torch.compile(naive)); --rounds N
+repeats every point N times, providers interleaved, and keeps the run with the median time.
 
 Every (provider, mode, M, D, dtype) point runs in its own worker process, so that a provider
 running out of memory is recorded as "OOM" instead of ending the sweep, and so that peak
@@ -212,6 +217,21 @@ def _run_worker(cfg: dict, env: dict, timeout: float) -> dict:
     return {"status": "error: " + (err[-1][:120] if err else f"exit {proc.returncode}")}
 
 
+# Groups (dtype, D, sizes, providers) of a preset; every point fwd+bwd.
+PRESETS = {
+    "cpu-goals": [("fp32", 128, [1024, 2048, 4096, 8192, 16384], ["fastntxent-cpu", "naive", "naive-compile"]),
+                  ("bf16", 512, [4096], ["fastntxent-cpu", "naive", "naive-compile"])],
+}
+
+
+def _median_run(results: list) -> dict:
+    """The run with the median time among repeats of one point (a failure wins: it is the news)."""
+    bad = [r for r in results if r["status"] != "ok"]
+    if bad:
+        return bad[0]
+    return sorted(results, key=lambda r: r["median_ms"])[len(results) // 2]
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -222,6 +242,9 @@ def main(argv=None):
     p.add_argument("--providers", nargs="+", default=None)
     p.add_argument("--out", default=None, help="CSV path (default benchmarks/results/<device>.csv)")
     p.add_argument("--timeout", type=float, default=600)
+    p.add_argument("--preset", default=None, choices=sorted(PRESETS),
+                   help="a fixed set of points (overrides --sizes/--dims/--dtypes/--modes/--providers)")
+    p.add_argument("--rounds", type=int, default=1, help="repeats of every point, providers interleaved")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
@@ -237,30 +260,39 @@ def main(argv=None):
     sizes = args.sizes or ([1024, 4096, 8192] if args.device == "cpu" else [8192, 32768, 131072])
     dtypes = args.dtypes or (["fp32"] if args.device == "cpu" else ["bf16"])
     providers = args.providers or list(available(args.device))
+    if args.preset:
+        groups = [(dt_key, [mode], [D], Ms, provs) for dt_key, D, Ms, provs in PRESETS[args.preset]
+                  for mode in ["fwd+bwd"]]
+    else:
+        groups = [(dt_key, args.modes, args.dims, sizes, providers) for dt_key in dtypes]
     name = device_name(args.device)
     out = Path(args.out or HERE / "results" / f"{args.device}.csv")
     out.parent.mkdir(parents=True, exist_ok=True)
     date = dt.date.today().isoformat()
-    print(f"device: {name}; torch {torch.__version__}; fastntxent {fastntxent.__version__}; providers: {providers}")
+    print(f"device: {name}; torch {torch.__version__}; fastntxent {fastntxent.__version__}")
     rows = []
-    for dtype_key in dtypes:
+    for dtype_key, modes, dims, group_sizes, group_providers in groups:
         dtype = DTYPES[dtype_key]
         peak_rate = matmul_tflops(args.device, dtype)
-        print(f"matmul rate ({dtype_key}): {peak_rate:.2f} TFLOP/s")
-        for mode in args.modes:
-            for D in args.dims:
+        print(f"matmul rate ({dtype_key}): {peak_rate:.2f} TFLOP/s; providers: {group_providers}")
+        for mode in modes:
+            for D in dims:
                 failed = set()  # a provider that ran out of memory skips larger M
-                for M in sorted(sizes):
-                    for prov in providers:
+                for M in sorted(group_sizes):
+                    repeats = {prov: [] for prov in group_providers}
+                    for _ in range(max(1, args.rounds)):
+                        for prov in group_providers:
+                            if prov in failed:
+                                repeats[prov].append({"status": "OOM"})
+                                continue
+                            repeats[prov].append(run_point({"provider": prov, "mode": mode, "M": M, "D": D,
+                                                            "dtype": dtype, "device": args.device}, args.timeout))
+                    for prov in group_providers:
                         row = {"provider": prov, "mode": mode, "M": M, "D": D, "dtype": dtype_key,
                                "device": args.device, "device_name": name,
                                "version": fastntxent.__version__, "date": date,
                                "matmul_tflops": round(peak_rate, 3)}
-                        if prov in failed:
-                            res = {"status": "OOM"}
-                        else:
-                            res = run_point({"provider": prov, "mode": mode, "M": M, "D": D,
-                                             "dtype": dtype, "device": args.device}, args.timeout)
+                        res = _median_run(repeats[prov])
                         if res["status"] == "OOM":
                             failed.add(prov)
                         row.update({k: res.get(k, "") for k in ("median_ms", "p20_ms", "p80_ms", "peak_mem_mb")})

@@ -45,9 +45,12 @@ def summarize(path) -> Path:
         providers = list(dict.fromkeys(r["provider"] for r in rs))
         sizes = sorted({int(r["M"]) for r in rs})
         by = {(r["provider"], int(r["M"])): r for r in rs}
+        fused = [p for p in providers if p.startswith("fastntxent")]
+        baselines = [b for b in ("naive", "naive-compile") if b in providers] if fused else []
+        extra = [f"{fused[0]} / {b} time" for b in baselines] + ([f"{fused[0]} % of matmul"] if fused else [])
         lines += [f"## {mode}, D = {D}, {dtype}", "",
-                  "| M | " + " | ".join(f"{p} ms (MiB)" for p in providers) + " |",
-                  "|---" * (len(providers) + 1) + "|"]
+                  "| M | " + " | ".join([f"{p} ms (MiB)" for p in providers] + extra) + " |",
+                  "|---" * (len(providers) + len(extra) + 1) + "|"]
         for M in sizes:
             cells = []
             for p in providers:
@@ -58,8 +61,8 @@ def summarize(path) -> Path:
                     cells.append(r["status"])
                 else:
                     cells.append(f"{float(r['median_ms']):.1f} ({float(r['peak_mem_mb']):.0f})")
+            cells += _ratios(by, fused, baselines, M)
             lines.append(f"| {M} | " + " | ".join(cells) + " |")
-        fused = [p for p in providers if p.startswith("fastntxent")]
         if "naive" in providers and fused:
             both = [M for M in sizes if by.get(("naive", M), {}).get("status") == "ok"
                     and by.get((fused[0], M), {}).get("status") == "ok"]
@@ -78,6 +81,21 @@ def summarize(path) -> Path:
     md.write_text("\n".join(lines))
     print(f"wrote {md}")
     return md
+
+
+def _ratios(by, fused, baselines, M):
+    """Cells: the fused kernel's time over each baseline's at M, and its % of the matmul rate."""
+    if not fused:
+        return []
+    f = by.get((fused[0], M))
+    ok = f is not None and f["status"] == "ok"
+    cells = []
+    for b in baselines:
+        r = by.get((b, M))
+        both = ok and r is not None and r["status"] == "ok"
+        cells.append(f"{float(f['median_ms']) / float(r['median_ms']):.2f}×" if both else "")
+    cells.append(f"{100 * float(f['frac_of_matmul']):.0f} %" if ok else "")
+    return cells
 
 
 def _plot(path, mode, D, dtype, providers, sizes, by):

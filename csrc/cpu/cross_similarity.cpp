@@ -8,7 +8,7 @@
 // (pos_offset ≠ 0 when k holds the keys of all ranks and q the local rows).
 //
 // Forward: each row block streams over column tiles of k and of the queue; the tile is one
-// BLAS product (at::mm_out), then one fused pass per row updates an online max-subtracted
+// BLAS product (tiling.h), then vectorised passes per row (row_kernels.h) update an online max-subtracted
 // logsumexp, Σ P·s (rescaled with it) and the top-1 statistic. CLIP's column logsumexps
 // are the same operator on the transposed problem (q ↔ k).
 // Backward, for L = Σ_i a_i·lse_i + b_i·pos_i (a = grad_lse, b = grad_pos), G_ic = a_i P_ic
@@ -27,6 +27,7 @@
 #include <limits>
 #include <vector>
 
+#include "row_kernels.h"
 #include "tiling.h"
 
 namespace fastntxent {
@@ -35,7 +36,7 @@ namespace {
 using cpu::for_each_row_block;
 using cpu::kColBlock;
 using cpu::poisoned;
-using cpu::tile_product;
+namespace row_ops = cpu::rows;
 
 struct CrossInputs {
   at::Tensor q;      // (M, D) contiguous, accumulation dtype
@@ -88,24 +89,17 @@ struct RowState {
 // in this tile or -1. Ties keep the earlier column (argmax's first index).
 template <typename acc_t>
 inline void update_row(RowState<acc_t>& st, const acc_t* s, int64_t nc, int64_t pos_col) {
-  acc_t tmax = -std::numeric_limits<acc_t>::infinity();
-  int64_t targ = -1;
-  for (int64_t c = 0; c < nc; ++c) {
-    if (s[c] > tmax) { tmax = s[c]; targ = c; }
-  }
-  if (targ < 0) return;
-  if (tmax > st.best) {
+  const acc_t tmax = row_ops::max_of(s, nc);
+  if (!(tmax > -std::numeric_limits<acc_t>::infinity())) return;
+  if (tmax > st.best) {  // a new best: its first column decides top-1
     st.best = tmax;
+    const int64_t targ = std::find(s, s + nc, tmax) - s;
     st.best_is_pos = targ == pos_col;
   }
   const acc_t new_m = std::max(st.m, tmax);
   const acc_t rescale = std::exp(st.m - new_m);  // exp(-inf) = 0 on the first tile
   acc_t tl = 0, tps = 0;
-  for (int64_t c = 0; c < nc; ++c) {
-    const acc_t e = std::exp(s[c] - new_m);
-    tl += e;
-    tps += e * s[c];
-  }
+  row_ops::add_exp_sums(s, nc, new_m, tl, tps);
   st.l = st.l * rescale + tl;
   st.ps = st.ps * rescale + tps;
   st.m = new_m;
@@ -127,7 +121,6 @@ void cross_forward_impl(const CrossInputs& in, acc_t* lse, acc_t* pos, acc_t* ps
   const acc_t* kp = in.k.data_ptr<acc_t>();
 
   for_each_row_block<acc_t>(M, [&](int64_t r0, int64_t nr, std::vector<acc_t>& buf) {
-    const at::Tensor rows = in.q.narrow(0, r0, nr);
     std::vector<RowState<acc_t>> st(nr, RowState<acc_t>{neg_inf, 0, 0, neg_inf, false});
     for (int64_t r = 0; r < nr; ++r) {
       const int64_t i = r0 + r;
@@ -140,12 +133,13 @@ void cross_forward_impl(const CrossInputs& in, acc_t* lse, acc_t* pos, acc_t* ps
     }
     const auto sweep = [&](const at::Tensor& cols, bool has_pos) {
       const int64_t n = cols.size(0);
+      const acc_t* cp = cols.data_ptr<acc_t>();
       for (int64_t c0 = 0; c0 < n; c0 += kColBlock) {
         const int64_t nc = std::min(kColBlock, n - c0);
-        tile_product(buf, rows, cols.narrow(0, c0, nc));
+        cpu::gemm_tile(qp + r0 * D, nr, cp + c0 * D, nc, D, acc_t(1), buf.data());
         for (int64_t r = 0; r < nr; ++r) {
           acc_t* s = buf.data() + r * nc;
-          for (int64_t c = 0; c < nc; ++c) s[c] *= sc;
+          row_ops::scale_row(s, nc, sc);  // logits scale·q·cᵀ
           const int64_t pc = has_pos ? r0 + r + in.offset - c0 : -1;
           const bool pos_here = pc >= 0 && pc < nc;
           // In-batch keys: the positive logit is the tile's own entry (the rounding of the lse
@@ -189,42 +183,35 @@ void cross_backward_impl(const CrossInputs& in, const acc_t* lse, const acc_t* a
   }
 
   // Sweep 1: ∂L/∂q, row blocks of q over tiles of k (in-batch) and of the queue.
+  acc_t* gq = grad_q.data_ptr<acc_t>();  // contiguous (M, D)
   for_each_row_block<acc_t>(M, [&](int64_t r0, int64_t nr, std::vector<acc_t>& buf) {
-    const at::Tensor rows = in.q.narrow(0, r0, nr);
-    at::Tensor acc = grad_q.narrow(0, r0, nr);
-    acc.zero_();
+    acc_t* g = gq + r0 * D;  // the block's own rows of ∂L/∂q
+    std::fill(g, g + nr * D, acc_t(0));
     const auto sweep = [&](const at::Tensor& cols, bool has_pos) {
       const int64_t n = cols.size(0);
+      const acc_t* cp = cols.data_ptr<acc_t>();
       for (int64_t c0 = 0; c0 < n; c0 += kColBlock) {
         const int64_t nc = std::min(kColBlock, n - c0);
-        const at::Tensor block = cols.narrow(0, c0, nc);
-        const at::Tensor tile = tile_product(buf, rows, block);
+        cpu::gemm_tile(qp + r0 * D, nr, cp + c0 * D, nc, D, acc_t(1), buf.data());
         for (int64_t r = 0; r < nr; ++r) {
           const int64_t i = r0 + r;
           acc_t* h = buf.data() + r * nc;
-          const acc_t ai = a[i], li = lse[i];
-          if (ai != 0) {
-            for (int64_t c = 0; c < nc; ++c) h[c] = ai * std::exp(sc * h[c] - li);
-          } else {
-            for (int64_t c = 0; c < nc; ++c) h[c] = 0;
-          }
+          row_ops::row_exp(h, nc, sc, a[i], lse[i]);  // a_i P_ic
           const int64_t pc = has_pos ? i + off - c0 : -1;
           if (pc >= 0 && pc < nc) h[pc] += b[i];
         }
-        acc.addmm_(tile, block);
+        cpu::gemm_accumulate(buf.data(), nr, nc, cp + c0 * D, D, sc, g);
       }
     };
     if (in.in_batch) sweep(in.k, true);
     if (in.queue.defined()) sweep(in.queue, false);
     if (!in.in_batch) {
-      acc_t* g = acc.data_ptr<acc_t>();
       for (int64_t r = 0; r < nr; ++r) {
-        const acc_t cf = pos_coef[r0 + r];
+        const acc_t cf = sc * pos_coef[r0 + r];
         const acc_t* kr = kp + (r0 + r + off) * D;
         for (int64_t d = 0; d < D; ++d) g[r * D + d] += cf * kr[d];
       }
     }
-    acc.mul_(sc);
   });
 
   if (grad_k == nullptr) return;
@@ -240,26 +227,21 @@ void cross_backward_impl(const CrossInputs& in, const acc_t* lse, const acc_t* a
     });
     return;
   }
+  acc_t* gk = grad_k->data_ptr<acc_t>();  // contiguous (N, D)
   for_each_row_block<acc_t>(N, [&](int64_t j0, int64_t nj, std::vector<acc_t>& buf) {
-    const at::Tensor keys = in.k.narrow(0, j0, nj);
-    at::Tensor acc = grad_k->narrow(0, j0, nj);
-    acc.zero_();
+    acc_t* g = gk + j0 * D;
+    std::fill(g, g + nj * D, acc_t(0));
     for (int64_t i0 = 0; i0 < M; i0 += kColBlock) {
       const int64_t ni = std::min(kColBlock, M - i0);
-      const at::Tensor block = in.q.narrow(0, i0, ni);
-      const at::Tensor tile = tile_product(buf, keys, block);
+      cpu::gemm_tile(kp + j0 * D, nj, qp + i0 * D, ni, D, acc_t(1), buf.data());
       for (int64_t jj = 0; jj < nj; ++jj) {
         acc_t* h = buf.data() + jj * ni;
-        for (int64_t c = 0; c < ni; ++c) {
-          const int64_t i = i0 + c;
-          h[c] = a[i] != 0 ? a[i] * std::exp(sc * h[c] - lse[i]) : acc_t(0);
-        }
+        row_ops::column_exp(h, ni, sc, a + i0, lse + i0);  // a_i P_ij
         const int64_t pc = j0 + jj - off - i0;  // the query whose positive is key j0 + jj
         if (pc >= 0 && pc < ni) h[pc] += b[i0 + pc];
       }
-      acc.addmm_(tile, block);
+      cpu::gemm_accumulate(buf.data(), nj, ni, qp + i0 * D, D, sc, g);
     }
-    acc.mul_(sc);
   });
 }
 

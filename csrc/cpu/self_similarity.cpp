@@ -1,10 +1,11 @@
 // Fused CPU kernels of the self-similarity family (docs/maths.md §1).
 //
 // Forward: each row block streams over column blocks; the similarity tile is one small
-// matrix product (BLAS through at::mm_out), then a single fused pass per row updates an
-// online max-subtracted logsumexp, Σ P·s (rescaled with it), the positive sums/counts
-// and the top-1 statistic. Backward: the tile is recomputed and turned into
-// H_kj = G_kj + G_jk in place, then grad[R] += H·u[C] — no M×M buffer anywhere, no atomics.
+// matrix product (a direct BLAS call, tiling.h), then vectorised passes per row
+// (row_kernels.h) update an online max-subtracted logsumexp, Σ P·s (rescaled with it), the
+// positive sums/counts and the top-1 statistic. Backward: the tile is recomputed and turned
+// into H_kj = G_kj + G_jk in place (both exps in one pass), then grad[R] += H·u[C]/τ — no M×M
+// buffer anywhere, no atomics.
 // Memory: one (row block × column block) tile and one (row block × D) accumulator per
 // thread, plus O(M) row statistics.
 #include <ATen/ATen.h>
@@ -15,6 +16,7 @@
 #include <limits>
 #include <vector>
 
+#include "row_kernels.h"
 #include "tiling.h"
 
 namespace fastntxent {
@@ -23,11 +25,11 @@ namespace {
 using cpu::for_each_row_block;
 using cpu::kColBlock;
 using cpu::poisoned;
-using cpu::tile_product;
+namespace row_ops = cpu::rows;
 
 struct Inputs {
-  at::Tensor u;       // (M, D) contiguous, accumulation dtype
-  at::Tensor labels;  // (M,) contiguous int64
+  at::Tensor u;    // (M, D) contiguous, accumulation dtype
+  at::Tensor ids;  // (M,) contiguous int32: equal ids ⇔ equal labels (positives)
   double inv_tau;
 };
 
@@ -37,6 +39,8 @@ void check_common(const at::Tensor& u, const at::Tensor& temperature,
   TORCH_CHECK(u.device().is_cpu(), "fastntxent CPU kernel: u must be a CPU tensor");
   TORCH_CHECK(temperature.numel() == 1, "fastntxent: temperature must hold one value");
   TORCH_CHECK(period >= 1, "fastntxent: period must be >= 1, got ", period);
+  TORCH_CHECK(u.size(0) <= std::numeric_limits<int32_t>::max(),
+              "fastntxent CPU kernel: at most 2^31 - 1 rows, got ", u.size(0));
   if (labels.has_value()) {
     TORCH_CHECK(labels->dim() == 1 && labels->size(0) == u.size(0),
                 "fastntxent: labels must have shape (M,) = (", u.size(0), ",)");
@@ -51,66 +55,74 @@ at::ScalarType accumulation_type(const at::Tensor& u) {
   return u.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+// Labels as dense int32 ids (the row passes compare 8 of them per instruction).
+at::Tensor label_ids(const at::Tensor& u, const c10::optional<at::Tensor>& labels, int64_t period) {
+  if (!labels.has_value()) {
+    return at::remainder(at::arange(u.size(0), u.options().dtype(at::kLong)), period).to(at::kInt);
+  }
+  const at::Tensor inverse = std::get<1>(at::_unique(labels->to(at::kCPU), /*sorted=*/false, /*return_inverse=*/true));
+  return inverse.to(at::kInt).contiguous();
+}
+
 Inputs prepare(const at::Tensor& u, const at::Tensor& temperature,
                const c10::optional<at::Tensor>& labels, int64_t period) {
   check_common(u, temperature, labels, period);
   const double tau = temperature.to(at::kCPU).item<double>();
   TORCH_CHECK_VALUE(std::isfinite(tau) && tau > 0, "fastntxent: temperature must be finite and > 0, got ", tau);
-  at::Tensor lab = labels.has_value()
-                       ? labels->contiguous()
-                       : at::remainder(at::arange(u.size(0), u.options().dtype(at::kLong)), period);
   // Detached: worker threads do not inherit the grad mode, and no graph is wanted here.
-  return {u.detach().to(accumulation_type(u)).contiguous(), lab, 1.0 / tau};
+  return {u.detach().to(accumulation_type(u)).contiguous(), label_ids(u, labels, period), 1.0 / tau};
 }
 
-// Σ over columns c in [0, n) except `skip` of f(c); `skip` may be out of range.
+// The columns [0, n) of a tile except `skip` (the diagonal; may be out of range) as at most
+// two ranges: f(begin, length) for each.
 template <typename F>
-inline void for_each_column_except(int64_t n, int64_t skip, F&& f) {
+inline void for_each_range_except(int64_t n, int64_t skip, F&& f) {
   const int64_t stop = (skip >= 0 && skip < n) ? skip : n;
-  for (int64_t c = 0; c < stop; ++c) f(c);
-  for (int64_t c = stop + 1; c < n; ++c) f(c);
+  f(int64_t(0), stop);
+  if (stop + 1 < n) f(stop + 1, n - stop - 1);
 }
 
 template <typename acc_t>
 void forward_impl(const Inputs& in, acc_t* lse, acc_t* pos_sum, acc_t* pos_count, acc_t* ps_sum,
                   acc_t* top1) {
-  const int64_t M = in.u.size(0);
+  const int64_t M = in.u.size(0), D = in.u.size(1);
   const acc_t inv_tau = static_cast<acc_t>(in.inv_tau);
-  const int64_t* lab = in.labels.data_ptr<int64_t>();
+  const acc_t* up = in.u.data_ptr<acc_t>();
+  const int32_t* ids = in.ids.data_ptr<int32_t>();
   const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
 
   for_each_row_block<acc_t>(M, [&](int64_t r0, int64_t nr, std::vector<acc_t>& buf) {
-    const at::Tensor rows = in.u.narrow(0, r0, nr);
     // Per-row running state: max m, Σ exp(s - m), Σ exp(s - m)·s, positives, top-1.
     std::vector<acc_t> m(nr, neg_inf), l(nr, 0), ps(nr, 0), psum(nr, 0), cnt(nr, 0), best(nr, neg_inf);
     std::vector<char> best_is_pos(nr, 0);
     for (int64_t c0 = 0; c0 < M; c0 += kColBlock) {
       const int64_t nc = std::min(kColBlock, M - c0);
-      tile_product(buf, rows, in.u.narrow(0, c0, nc));
+      cpu::gemm_tile(up + r0 * D, nr, up + c0 * D, nc, D, acc_t(1), buf.data());
       for (int64_t r = 0; r < nr; ++r) {
         const int64_t i = r0 + r;
         const int64_t self = i - c0;  // column of the diagonal in this tile, maybe outside
-        const int64_t li = lab[i];
+        const int32_t li = ids[i];
         acc_t* s = buf.data() + r * nc;
-        for (int64_t c = 0; c < nc; ++c) s[c] *= inv_tau;
+        row_ops::scale_row(s, nc, inv_tau);  // logits s = u·uᵀ/τ
         acc_t tmax = neg_inf;
-        int64_t targ = -1;
-        for_each_column_except(nc, self, [&](int64_t c) {
-          if (s[c] > tmax) { tmax = s[c]; targ = c; }
-        });
-        if (targ < 0) continue;  // the tile holds only the diagonal
-        if (tmax > best[r]) {
+        for_each_range_except(nc, self, [&](int64_t c, int64_t n) { tmax = std::max(tmax, row_ops::max_of(s + c, n)); });
+        if (!(tmax > neg_inf)) continue;  // the tile holds only the diagonal
+        if (tmax > best[r]) {  // a new best: its first column decides top-1 (argmax's first index)
           best[r] = tmax;
-          best_is_pos[r] = lab[c0 + targ] == li;
+          int64_t targ = -1;
+          for_each_range_except(nc, self, [&](int64_t c, int64_t n) {
+            for (int64_t x = c; x < c + n && targ < 0; ++x) {
+              if (s[x] == tmax) targ = x;
+            }
+          });
+          best_is_pos[r] = ids[c0 + targ] == li;
         }
         const acc_t new_m = std::max(m[r], tmax);
         const acc_t scale = std::exp(m[r] - new_m);  // exp(-inf) = 0 on the first tile
         acc_t tl = 0, tps = 0, tpos = 0, tcnt = 0;
-        for_each_column_except(nc, self, [&](int64_t c) {
-          const acc_t e = std::exp(s[c] - new_m);
-          tl += e;
-          tps += e * s[c];
-          if (lab[c0 + c] == li) { tpos += s[c]; tcnt += 1; }
+        for_each_range_except(nc, self, [&](int64_t c, int64_t n) {
+          row_ops::add_exp_sums(s + c, n, new_m, tl, tps);
+          row_ops::add_where_label(s + c, n, ids + c0 + c, li, tpos, tcnt);
         });
         l[r] = l[r] * scale + tl;
         ps[r] = ps[r] * scale + tps;
@@ -136,36 +148,28 @@ void backward_impl(const Inputs& in, const acc_t* lse, const acc_t* a, const acc
   const int64_t M = in.u.size(0);
   const int64_t D = in.u.size(1);
   const acc_t inv_tau = static_cast<acc_t>(in.inv_tau);
-  const int64_t* lab = in.labels.data_ptr<int64_t>();
+  const acc_t* up = in.u.data_ptr<acc_t>();
+  const int32_t* ids = in.ids.data_ptr<int32_t>();
+  acc_t* gp = grad.data_ptr<acc_t>();  // contiguous (M, D)
 
   for_each_row_block<acc_t>(M, [&](int64_t r0, int64_t nr, std::vector<acc_t>& buf) {
-    const at::Tensor rows = in.u.narrow(0, r0, nr);
-    at::Tensor acc = grad.narrow(0, r0, nr);  // contiguous rows of the output
-    acc.zero_();
+    acc_t* acc = gp + r0 * D;  // the block's own rows of the output
+    std::fill(acc, acc + nr * D, acc_t(0));
     for (int64_t c0 = 0; c0 < M; c0 += kColBlock) {
       const int64_t nc = std::min(kColBlock, M - c0);
-      const at::Tensor cols = in.u.narrow(0, c0, nc);
-      const at::Tensor tile = tile_product(buf, rows, cols);
+      const acc_t* cols = up + c0 * D;
+      cpu::gemm_tile(up + r0 * D, nr, cols, nc, D, acc_t(1), buf.data());
       for (int64_t r = 0; r < nr; ++r) {
         const int64_t k = r0 + r;
         acc_t* h = buf.data() + r * nc;
-        const acc_t ak = a[k], bk = b[k], lk = lse[k];
-        const int64_t labk = lab[k];
-        for (int64_t c = 0; c < nc; ++c) {
-          const int64_t j = c0 + c;
-          if (j == k) { h[c] = 0; continue; }
-          const acc_t s = h[c] * inv_tau;
-          // G_kj + G_jk with G_ij = a_i P_ij + b_i [j ∈ P(i)] (s is symmetric).
-          acc_t v = 0;
-          if (ak != 0) v += ak * std::exp(s - lk);
-          if (a[j] != 0) v += a[j] * std::exp(s - lse[j]);
-          if (lab[j] == labk) v += bk + b[j];
-          h[c] = v;
-        }
+        // H_kj = G_kj + G_jk with G_ij = a_i P_ij + b_i [j ∈ P(i)] (s is symmetric): both
+        // probabilities from the two rows' lse in one pass.
+        row_ops::pair_exp(h, nc, inv_tau, a[k], lse[k], a + c0, lse + c0);
+        row_ops::add_positive_weights(h, nc, ids + c0, ids[k], b[k], b + c0);
+        if (k >= c0 && k < c0 + nc) h[k - c0] = 0;
       }
-      acc.addmm_(tile, cols);
+      cpu::gemm_accumulate(buf.data(), nr, nc, cols, D, inv_tau, acc);  // ∂L/∂u = (1/τ)·H·u
     }
-    acc.mul_(inv_tau);
   });
 }
 
