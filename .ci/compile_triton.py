@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
 """Ahead-of-time compile gate for every Triton kernel of fastntxent (no GPU needed).
 
-Compiles each kernel of fastntxent/_triton/{self,cross}_kernels.py with `triton.compile`
-for GPUTarget("cuda", 80 / 90 / 75, 32), the way the launchers (self_similarity.py,
-cross_similarity.py, common.kernel_flags) would launch it, and prints one row per variant:
+Compiles each kernel of fastntxent/_triton/{self,cross,self_local,siglip}_kernels.py with
+`triton.compile` for GPUTarget("cuda", 80 / 90 / 75, 32), the way the launchers
+(self_similarity.py, cross_similarity.py, self_local_similarity.py, siglip.py,
+common.kernel_flags) would launch it, and prints one row per variant:
 kernel, config (BLOCK_M x BLOCK_N, num_warps, num_stages), variant (constexpr flags), D,
 dtype/precision, target, triton version -> registers, spill bytes, shared memory, compile s.
 
@@ -34,9 +35,12 @@ triton.runtime.jit.native_specialize_impl by tests/test_compile_gate.py):
   the kernels cast row indices to int64 themselves, so none is compiled). The `odd` variant
   uses M = N = 1000, D = 100 (no divisibility: unvectorised loads).
 
-Configs: the ones the launcher's autotuner keeps after `tiles.prune_configs` for the row's
-dtype/precision and D (`kept_configs`): exact-fp32 small tiles, the backward's accumulator
-rule (`tiles.acc_configs`); "fallback" is the last kept config.
+Configs: the ones the launcher's autotuner keeps after the kernel's own early_config_prune
+(`tiles.prune_configs`) for the row's dtype/precision and D (`kept_configs`): exact-fp32 small
+tiles, the backward's accumulator rule (`tiles.acc_configs`); "fallback" is the last kept
+config. The pruning is called as the autotuner calls it: the kernel's own argument names and
+the constexpr keywords its launcher passes (so a kernel whose tensors are not named U / Q / K,
+SigLIP's X / Y / A / B, gets no fp32 pruning, exactly as at run time).
 
 From the SASS (cuobjdump -sass of the cubin, `sass_counts`): static HMMA / HGMMA / MUFU counts,
 and the main loop (the natural loop holding the most tensor-core instructions) as a control-flow
@@ -83,10 +87,19 @@ ROOT = Path(__file__).resolve().parents[1]
 KERNEL_DIR = ROOT / "fastntxent" / "_triton"
 PKG = "fastntxent_kernels"
 
-KERNELS = ("self_fwd_kernel", "self_bwd_kernel", "cross_fwd_kernel", "cross_bwd_q_kernel", "cross_bwd_k_kernel")
 KERNEL_MODULE = {"self_fwd_kernel": "self_kernels", "self_bwd_kernel": "self_kernels",
                  "cross_fwd_kernel": "cross_kernels", "cross_bwd_q_kernel": "cross_kernels",
-                 "cross_bwd_k_kernel": "cross_kernels"}
+                 "cross_bwd_k_kernel": "cross_kernels",
+                 # the self family's local-rows form (distributed; launcher self_local_similarity.py)
+                 "self_fwd_rows_kernel": "self_local_kernels", "self_bwd_row_side_kernel": "self_local_kernels",
+                 "self_bwd_col_side_kernel": "self_local_kernels",
+                 # SigLIP (launcher siglip.py)
+                 "siglip_fwd_kernel": "siglip_kernels", "siglip_bwd_kernel": "siglip_kernels"}
+KERNELS = tuple(KERNEL_MODULE)
+KERNEL_FILES = ("tiles",) + tuple(dict.fromkeys(KERNEL_MODULE.values()))
+# Kernels added to the gate on 2026-12-03: the reduced matrix of `keep` (see MATRICES).
+NEW_KERNELS = ("self_fwd_rows_kernel", "self_bwd_row_side_kernel", "self_bwd_col_side_kernel",
+               "siglip_fwd_kernel", "siglip_bwd_kernel")
 # dtype/precision keys: (input dtype, fp32 precision asked for)
 DTYPES = {"bf16": ("bf16", None), "fp16": ("fp16", None), "tf32": ("fp32", "tf32"),
           "ieee": ("fp32", "ieee"), "tf32x3": ("fp32", "tf32x3")}
@@ -135,7 +148,7 @@ BASELINE_SPILLS = {
 
 # ----------------------------------------------------------------------------- loading
 def load_kernels():
-    """The three pure-Triton kernel modules, without importing the package `fastntxent`."""
+    """The pure-Triton kernel modules (KERNEL_FILES), without importing the package `fastntxent`."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("compile_triton.py: unset TRITON_INTERPRET (it swaps in the interpreter's configs)")
     if PKG not in sys.modules:
@@ -144,7 +157,7 @@ def load_kernels():
         mod = importlib.util.module_from_spec(spec)
         sys.modules[PKG] = mod
         spec.loader.exec_module(mod)
-    mods = {name: importlib.import_module(f"{PKG}.{name}") for name in ("tiles", "self_kernels", "cross_kernels")}
+    mods = {name: importlib.import_module(f"{PKG}.{name}") for name in KERNEL_FILES}
     bad = [m for m in ("torch", "fastntxent") if m in sys.modules]
     if bad:
         raise SystemExit(f"compile_triton.py: loading the kernel modules imported {bad}: they must import triton only")
@@ -152,11 +165,11 @@ def load_kernels():
 
 
 def kernel_sha():
-    """Short hash of the three kernel modules (which source a table belongs to)."""
+    """Short hash of the kernel modules, KERNEL_FILES in order (which source a table belongs to)."""
     import hashlib
     h = hashlib.sha256()
-    for name in ("tiles.py", "self_kernels.py", "cross_kernels.py"):
-        h.update((KERNEL_DIR / name).read_bytes())
+    for name in KERNEL_FILES:
+        h.update((KERNEL_DIR / f"{name}.py").read_bytes())
     return h.hexdigest()[:12]
 
 
@@ -234,6 +247,26 @@ VARIANTS = {
         "inbatch+split": dict(),
         "inbatch+odd": dict(),
     },
+    # local rows: rank 1 of 2 (ROW0 = ROWS = M / 2); the forward always computes every statistic
+    "self_fwd_rows_kernel": {
+        "nolab": dict(HAS_LABELS=False, SPLIT=False),
+        "labels": dict(HAS_LABELS=True, SPLIT=False),
+        "nolab+split": dict(HAS_LABELS=False, SPLIT=True),
+    },
+    "self_bwd_row_side_kernel": {
+        "nolab": dict(HAS_LABELS=False),
+        "labels": dict(HAS_LABELS=True),
+        "nolab+split": dict(HAS_LABELS=False),
+    },
+    "self_bwd_col_side_kernel": {
+        "nolab": dict(HAS_LABELS=False),
+        "labels": dict(HAS_LABELS=True),
+    },
+    "siglip_fwd_kernel": {"pairs": dict()},
+    "siglip_bwd_kernel": {                        # ∂x (rows x against y) and ∂y (TRANSPOSED)
+        "grad_x": dict(TRANSPOSED=False),
+        "grad_y": dict(TRANSPOSED=True),
+    },
 }
 
 
@@ -274,6 +307,25 @@ def launch_args(kernel, variant, dt, D):
         return dict(K=P(dt), stride_km=D, stride_kd=1, Q=P(dt), stride_qm=D, stride_qd=1,
                     SCALE=f32, LSE=f32, GA=f32, GB=f32, N=N, M=M, D=D, OFF=0, M_KEY=pow2(N), C_KEY=pow2(M),
                     G=f32 if split else P(dt), stride_gs=N * D if split else 0, stride_gm=D)
+    rows = M // 2  # local rows: rank 1 of 2
+    if kernel == "self_fwd_rows_kernel":
+        return dict(U=P(dt), stride_um=D, stride_ud=1, TAU=f32, LAB=P("i64") if "labels" in variant else f32,
+                    M=M, D=D, period=M // 2, ROW0=rows, ROWS=rows, M_KEY=pow2(M),
+                    LSE=f32, POS_SUM=f32, POS_CNT=f32, PS_SUM=f32, TOP1=f32, W=f32)
+    if kernel == "self_bwd_row_side_kernel":  # the row side is an fp32 buffer (added into the column side)
+        return dict(U=P(dt), stride_um=D, stride_ud=1, TAU=f32, LAB=P("i64") if "labels" in variant else f32,
+                    LSE=f32, GA=f32, GB=f32, M=M, D=D, period=M // 2, ROW0=rows, ROWS=rows, M_KEY=pow2(M),
+                    G=f32, stride_gs=rows * D if split else 0, stride_gm=D)
+    if kernel == "self_bwd_col_side_kernel":  # fp32 (M, D) output
+        return dict(U=P(dt), stride_um=D, stride_ud=1, TAU=f32, LAB=P("i64") if "labels" in variant else f32,
+                    LSE=f32, GA=f32, GB=f32, M=M, D=D, period=M // 2, ROW0=rows, ROWS=rows, M_KEY=pow2(M),
+                    G=f32, stride_gm=D)
+    if kernel == "siglip_fwd_kernel":
+        return dict(X=P(dt), stride_xm=D, stride_xd=1, Y=P(dt), stride_ym=D, stride_yd=1, SCALE=f32, BIAS=f32,
+                    M=M, N=N, D=D, OFF=0, M_KEY=pow2(M), N_KEY=pow2(N), LOSS=f32, DSUM=f32, DCOS=f32)
+    if kernel == "siglip_bwd_kernel":  # one split: the gradient in the input dtype
+        return dict(A=P(dt), stride_am=D, stride_ad=1, B=P(dt), stride_bm=D, stride_bd=1, SCALE=f32, BIAS=f32,
+                    WGT=f32, R=M, C=N, D=D, OFF=0, R_KEY=pow2(M), C_KEY=pow2(N), G=P(dt), stride_gm=D)
     raise KeyError(kernel)
 
 
@@ -309,10 +361,14 @@ class _Arg:
 
 
 def kept_configs(tiles, kernel, dtk, D, target, variant=None):
-    """Indices of the configs the launcher's autotuner keeps (tiles.prune_configs) for this
-    kernel, dtype/precision, D and target: the ones it can pick."""
+    """Indices of the configs the launcher's autotuner keeps (the kernel's own
+    early_config_prune, tiles.prune_configs) for this kernel, dtype/precision, D and target:
+    the ones it can pick. As at run time, the pruning sees the kernel's own argument names
+    (every tensor argument of this dtype) and the constexpr keywords the launcher passes."""
     dtype, prec32 = DTYPES[dtk]
-    cfgs = tiles.FWD_CONFIGS if "fwd" in kernel else tiles.BWD_CONFIGS
+    tuner = getattr(load_kernels()[KERNEL_MODULE[kernel]], kernel)
+    fn, cfgs = tuner.fn, tuner.configs
+    prune = getattr(tuner, "early_config_prune", None) or tiles.prune_configs
     flags = tiles.flags_for(dtype, prec32 or "tf32", D, (target // 10, target % 10))
     kwargs = dict(PREC=flags["PREC"], CAST_F32=flags["CAST_F32"], BLOCK_D=flags["BLOCK_D"])
     if "bwd" in kernel:
@@ -320,7 +376,8 @@ def kept_configs(tiles, kernel, dtk, D, target, variant=None):
     if variant is not None:
         kwargs.update({k: v for k, v in VARIANTS[kernel][variant].items() if k.startswith("NEED_")})
     arg = _Arg(dtype)
-    kept = tiles.prune_configs(cfgs, {"U": arg, "Q": arg, "K": arg}, **kwargs)
+    named = {p.name: arg for p in fn.params if not p.is_constexpr}
+    kept = prune(cfgs, named, **kwargs)
     return [cfgs.index(c) for c in kept]
 
 
@@ -377,7 +434,9 @@ MATRICES = {
            "dtypes), for every constexpr variant (bf16, fp32-tf32) and on sm_75 (bf16, fp16, fp32, D = 128)"),
     "subset": ("a representative subset (CI's second triton, 3.6): every config of the default variant for "
                "bf16 on sm_80/sm_90; the fallback config for every dtype (D = 128), for D = 512 (bf16, tf32), "
-               "every constexpr variant (bf16 on sm_90, fp32-tf32 on sm_80) and sm_75 (bf16, fp32)"),
+               "every constexpr variant (bf16 on sm_90, fp32-tf32 on sm_80) and sm_75 (bf16, fp32); for the "
+               "local-rows and SigLIP kernels (NEW_KERNELS) only the default variant on sm_80/sm_90: every "
+               "config for bf16 (D = 128 and the D = 512 fallback), the fallback for fp32-tf32 (D = 128)"),
 }
 
 
@@ -394,6 +453,8 @@ def keep(matrix, t, fb, dv):
             return fb
         return fb and dk in ("bf16", "tf32")
     if matrix == "subset":
+        if t["kernel"] in NEW_KERNELS:  # reduced: bf16 every config, the fallback for tf32 and D = 512
+            return tg >= 80 and dv and (dk == "bf16" or (fb and dk == "tf32" and D == 128))
         if tg < 80:
             return fb and dv and D == 128 and dk in ("bf16", "ieee")
         if dv and D == 128:

@@ -60,6 +60,30 @@ def test_compile_one_kernel(tmp_path):
     assert r["epi_per_sim_masked"] > r["epi_per_sim"]  # the masked tiles take the longer branch
 
 
+def test_compile_new_kernels(tmp_path):
+    """The local-rows and SigLIP kernels (NEW_KERNELS) compile with the launchers' arguments:
+    tensor cores in the main loop, no spill, and the epilogue budget not applied to them."""
+    if not _ptxas():
+        pytest.skip("ptxas (shipped with triton's NVIDIA backend) is not available")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = tmp_path / "rows.json"
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--only", "self_bwd_col_side_kernel,siglip_fwd_kernel", "--configs", "fallback",
+         "--variants", "default", "--dtypes", "bf16", "--dims", "128", "--targets", "80", "--jobs", "1",
+         "--json", str(out)], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert sorted((r["kernel"], r["variant"]) for r in rows) == [("self_bwd_col_side_kernel", "nolab"),
+                                                                 ("siglip_fwd_kernel", "pairs")]
+    gate = _gate()
+    for r in rows:
+        assert r["error"] is None and r["status"] == "ok" and r["fallback"], r
+        assert r["spill_bytes"] == 0 and r["sass_hmma"] > 0 and r["loop_mma"] > 0, r
+        assert not gate.epilogue_checked(r)
+    siglip = next(r for r in rows if r["kernel"] == "siglip_fwd_kernel")
+    assert siglip["sass_mufu"] > 0  # the sigmoid terms' exp / log
+
+
 def test_kernel_flags_match_launchers():
     torch = pytest.importorskip("torch")
     from fastntxent._triton import common, tiles
