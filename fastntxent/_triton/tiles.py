@@ -142,8 +142,9 @@ def prune_configs(configs, named_args, **kwargs):
         # Forward, fp32 (tf32) operands: the row block held across the sweep takes
         # BLOCK_M·BLOCK_D / threads registers; at 128 (128x32 on 4 warps, D = 128) sm_90
         # spilled 76-124 B; with the top-1 statistic 128x64 on 8 warps spilled 20 B (sm_80).
+        # A forward without a NEED_TOP1 argument (local rows: always computes it) counts as with.
         kept = [c for c in kept if c.kwargs["BLOCK_M"] * int(block_d) <= 64 * 32 * c.num_warps
-                and not (kwargs.get("NEED_TOP1", named_args.get("NEED_TOP1")) and c.num_warps > 4)] or kept[-1:]
+                and not (kwargs.get("NEED_TOP1", named_args.get("NEED_TOP1", True)) and c.num_warps > 4)] or kept[-1:]
     block_do = kwargs.get("BLOCK_DO", named_args.get("BLOCK_DO"))
     if block_do is not None and not INTERPRETING and not exact:
         kept = acc_configs(kept, int(block_do), _fp32_operands(named_args, kwargs))
@@ -178,7 +179,7 @@ def exact_configs(configs):
 def _fp32_operands(named_args, kwargs) -> bool:
     if kwargs.get("CAST_F32", named_args.get("CAST_F32")):
         return True
-    for name in ("U", "Q", "K"):
+    for name in ("U", "Q", "K", "X", "A"):  # the first operand of the self/cross/SigLIP kernels
         ptr = named_args.get(name)
         if ptr is not None and hasattr(ptr, "dtype"):
             return str(ptr.dtype) in ("torch.float32", "fp32", "float32")
