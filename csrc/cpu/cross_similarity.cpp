@@ -34,6 +34,7 @@ namespace fastntxent {
 namespace {
 
 using cpu::for_each_row_block;
+using cpu::kRowBlock;
 using cpu::kColBlock;
 using cpu::poisoned;
 namespace row_ops = cpu::rows;
@@ -227,22 +228,30 @@ void cross_backward_impl(const CrossInputs& in, const acc_t* lse, const acc_t* a
     });
     return;
   }
+  // Sweep 2: ∂L/∂k, blocks of kColBlock keys over blocks of kRowBlock queries: the tiles are the
+  // forward's products q_blk · k_blkᵀ themselves (not k_blk · q_blkᵀ, which a BLAS may round
+  // differently: at a low temperature one ulp of s moves P = exp(s·scale − lse) by e^(ulp·scale)),
+  // their rows weighted as in sweep 1 and accumulated transposed.
   acc_t* gk = grad_k->data_ptr<acc_t>();  // contiguous (N, D)
-  for_each_row_block<acc_t>(N, [&](int64_t j0, int64_t nj, std::vector<acc_t>& buf) {
-    acc_t* g = gk + j0 * D;
-    std::fill(g, g + nj * D, acc_t(0));
-    for (int64_t i0 = 0; i0 < M; i0 += kColBlock) {
-      const int64_t ni = std::min(kColBlock, M - i0);
-      cpu::gemm_tile(kp + j0 * D, nj, qp + i0 * D, ni, D, acc_t(1), buf.data());
-      for (int64_t jj = 0; jj < nj; ++jj) {
-        acc_t* h = buf.data() + jj * ni;
-        row_ops::column_exp(h, ni, sc, a + i0, lse + i0);  // a_i P_ij
-        const int64_t pc = j0 + jj - off - i0;  // the query whose positive is key j0 + jj
-        if (pc >= 0 && pc < ni) h[pc] += b[i0 + pc];
-      }
-      cpu::gemm_accumulate(buf.data(), nj, ni, qp + i0 * D, D, sc, g);
-    }
-  });
+  for_each_row_block<acc_t>(
+      N,
+      [&](int64_t j0, int64_t nj, std::vector<acc_t>& buf) {
+        acc_t* g = gk + j0 * D;
+        std::fill(g, g + nj * D, acc_t(0));
+        for (int64_t i0 = 0; i0 < M; i0 += kRowBlock) {
+          const int64_t ni = std::min(kRowBlock, M - i0);
+          cpu::gemm_tile(qp + i0 * D, ni, kp + j0 * D, nj, D, acc_t(1), buf.data());
+          for (int64_t r = 0; r < ni; ++r) {
+            const int64_t i = i0 + r;
+            acc_t* h = buf.data() + r * nj;
+            row_ops::row_exp(h, nj, sc, a[i], lse[i]);  // a_i P_ij
+            const int64_t pc = i + off - j0;  // query i's positive key, if in this block
+            if (pc >= 0 && pc < nj) h[pc] += b[i];
+          }
+          cpu::gemm_accumulate_transposed(buf.data(), ni, nj, qp + i0 * D, D, sc, g);
+        }
+      },
+      kColBlock);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_forward_cpu(

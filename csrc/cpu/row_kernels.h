@@ -272,20 +272,6 @@ inline void row_exp(T* h, int64_t n, T sc, T ck, T sk) {
   }
 }
 
-// In place h[c] = coef[c]·exp(h[c]·sc − shift[c]), a zero coefficient giving exactly 0.
-template <typename T>
-inline void column_exp(T* h, int64_t n, T sc, const T* coef, const T* shift) {
-#ifdef FASTNTXENT_ROW_AVX2
-  if constexpr (use_avx2<T>()) {
-    if (has_avx2()) return coef_exp_avx2(h, n, sc, 0, 0, coef, shift);
-  }
-#endif
-  for (int64_t c = 0; c < n; ++c) {
-    const T s = h[c] * sc;
-    h[c] = coef[c] != 0 ? coef[c] * std::exp(s - shift[c]) : T(0);
-  }
-}
-
 // In place s[c] = h[c]·sc: the logits of one tile row.
 template <typename T>
 inline void scale_row(T* h, int64_t n, T sc) {

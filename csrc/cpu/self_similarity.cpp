@@ -24,6 +24,7 @@ namespace {
 
 using cpu::for_each_row_block;
 using cpu::kColBlock;
+using cpu::kRowBlock;
 using cpu::poisoned;
 namespace row_ops = cpu::rows;
 
@@ -95,9 +96,10 @@ void forward_impl(const Inputs& in, acc_t* lse, acc_t* pos_sum, acc_t* pos_count
     // Per-row running state: max m, Σ exp(s - m), Σ exp(s - m)·s, positives, top-1.
     std::vector<acc_t> m(nr, neg_inf), l(nr, 0), ps(nr, 0), psum(nr, 0), cnt(nr, 0), best(nr, neg_inf);
     std::vector<char> best_is_pos(nr, 0);
+    std::vector<acc_t> scratch(kRowBlock * kRowBlock);
     for (int64_t c0 = 0; c0 < M; c0 += kColBlock) {
       const int64_t nc = std::min(kColBlock, M - c0);
-      cpu::gemm_tile(up + r0 * D, nr, up + c0 * D, nc, D, acc_t(1), buf.data());
+      cpu::symmetric_tile(up, M, D, r0, nr, c0, nc, buf.data(), scratch.data());
       for (int64_t r = 0; r < nr; ++r) {
         const int64_t i = r0 + r;
         const int64_t self = i - c0;  // column of the diagonal in this tile, maybe outside
@@ -155,10 +157,12 @@ void backward_impl(const Inputs& in, const acc_t* lse, const acc_t* a, const acc
   for_each_row_block<acc_t>(M, [&](int64_t r0, int64_t nr, std::vector<acc_t>& buf) {
     acc_t* acc = gp + r0 * D;  // the block's own rows of the output
     std::fill(acc, acc + nr * D, acc_t(0));
+    std::vector<acc_t> scratch(kRowBlock * kRowBlock);
     for (int64_t c0 = 0; c0 < M; c0 += kColBlock) {
       const int64_t nc = std::min(kColBlock, M - c0);
       const acc_t* cols = up + c0 * D;
-      cpu::gemm_tile(up + r0 * D, nr, cols, nc, D, acc_t(1), buf.data());
+      // the forward's own similarities, s_jk read as s_kj (symmetric_tile)
+      cpu::symmetric_tile(up, M, D, r0, nr, c0, nc, buf.data(), scratch.data());
       for (int64_t r = 0; r < nr; ++r) {
         const int64_t k = r0 + r;
         acc_t* h = buf.data() + r * nc;

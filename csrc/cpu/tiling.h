@@ -30,16 +30,20 @@ namespace cpu {
 constexpr int64_t kRowBlock = 128;
 constexpr int64_t kColBlock = 256;
 
-// Calls f(r0, nr, buf) for every block [r0, r0 + nr) of `rows` rows, blocks in parallel;
-// `buf` is a kRowBlock × kColBlock scratch tile owned by the calling thread.
+// The self family's square sub-blocks: every similarity is computed by the BLAS product of
+// the two kRowBlock-row blocks holding its row and its column (symmetric_tile).
+static_assert(kColBlock % kRowBlock == 0, "column blocks must be whole row blocks");
+
+// Calls f(r0, nr, buf) for every block [r0, r0 + nr) of `rows` rows (`block` rows each),
+// blocks in parallel; `buf` is a kRowBlock × kColBlock scratch tile owned by the calling thread.
 template <typename acc_t, typename F>
-void for_each_row_block(int64_t rows, F&& f) {
-  const int64_t blocks = (rows + kRowBlock - 1) / kRowBlock;
+void for_each_row_block(int64_t rows, F&& f, int64_t block = kRowBlock) {
+  const int64_t blocks = (rows + block - 1) / block;
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     std::vector<acc_t> buf(kRowBlock * kColBlock);
     for (int64_t b = b0; b < b1; ++b) {
-      const int64_t r0 = b * kRowBlock;
-      f(r0, std::min(kRowBlock, rows - r0), buf);
+      const int64_t r0 = b * block;
+      f(r0, std::min(block, rows - r0), buf);
     }
   });
 }
@@ -96,6 +100,45 @@ template <typename T>
 inline void gemm_accumulate(const T* h, int64_t nr, int64_t nc, const T* cols, int64_t D, T alpha, T* acc) {
   if (detail::blas_gemm<T>('N', 'N', D, nr, nc, alpha, cols, D, h, nc, T(1), acc, D)) return;
   detail::wrap(acc, nr, D).addmm_(detail::wrap(h, nr, nc), detail::wrap(cols, nc, D), /*beta=*/1, /*alpha=*/alpha);
+}
+
+// acc (nc × D, row-major) += alpha · hᵀ · rows; h (nr × nc) and rows (nr × D) row-major: the
+// column side of a tile whose rows were `rows` (no transposed copy of the tile).
+template <typename T>
+inline void gemm_accumulate_transposed(const T* h, int64_t nr, int64_t nc, const T* rows, int64_t D, T alpha, T* acc) {
+  if (detail::blas_gemm<T>('N', 'T', D, nc, nr, alpha, rows, D, h, nc, T(1), acc, D)) return;
+  detail::wrap(acc, nc, D).addmm_(detail::wrap(h, nr, nc).t(), detail::wrap(rows, nr, D), /*beta=*/1, /*alpha=*/alpha);
+}
+
+// tile (nr × nc, row-major) = u[r0, r0 + nr) · u[c0, c0 + nc)ᵀ for one matrix u (M, D), r0 and
+// c0 multiples of kRowBlock, nr ≤ kRowBlock, each run of kRowBlock columns whole (or the last).
+// A BLAS product is not symmetric bit for bit (a small-matrix path rounds (A·Bᵀ)_ij and
+// (B·Aᵀ)_ji differently), but the backward reads s_jk of the forward as s_kj of its own tile,
+// and at a low temperature one ulp of s moves exp(s/τ − lse) by e^(ulp/τ). So every entry is
+// taken from the one product of the two row blocks holding i and j, lower block first (the
+// diagonal block's upper triangle): s_ij == s_ji bit for bit, the same in every pass.
+// `scratch` holds kRowBlock × kRowBlock values.
+template <typename T>
+inline void symmetric_tile(const T* u, int64_t M, int64_t D, int64_t r0, int64_t nr, int64_t c0, int64_t nc, T* tile,
+                           T* scratch) {
+  for (int64_t j0 = c0; j0 < c0 + nc; j0 += kRowBlock) {
+    const int64_t nj = std::min(kRowBlock, M - j0);
+    T* out = tile + (j0 - c0);  // row stride nc
+    if (r0 < j0) {
+      gemm_tile(u + r0 * D, nr, u + j0 * D, nj, D, T(1), scratch);
+      for (int64_t r = 0; r < nr; ++r) std::copy(scratch + r * nj, scratch + (r + 1) * nj, out + r * nc);
+    } else if (r0 > j0) {
+      gemm_tile(u + j0 * D, nj, u + r0 * D, nr, D, T(1), scratch);
+      for (int64_t r = 0; r < nr; ++r) {
+        for (int64_t c = 0; c < nj; ++c) out[r * nc + c] = scratch[c * nr + r];
+      }
+    } else {
+      gemm_tile(u + r0 * D, nr, u + r0 * D, nr, D, T(1), scratch);
+      for (int64_t r = 0; r < nr; ++r) {
+        for (int64_t c = 0; c < nj; ++c) out[r * nc + c] = r <= c ? scratch[r * nr + c] : scratch[c * nr + r];
+      }
+    }
+  }
 }
 
 // Outputs start as NaN: a row a kernel failed to write can never look plausible.

@@ -188,3 +188,30 @@ def test_bad_temperature_tensor_is_never_a_finite_loss(loss, form, backend):
     out, grads = loss_and_grads(loss, xs, t, backend, reduction=reduction)
     assert torch.isnan(out).all(), f"loss {out} from a bad temperature"
     assert all(torch.isnan(g).all() for g in grads)
+
+
+def _min_top2_gap(xs):
+    """The smallest gap between a row's two largest cosine similarities (self and cross)."""
+    u = torch.nn.functional.normalize(torch.cat([x.double().flatten(0, -2) for x in xs]), dim=1)
+    s = u @ u.T
+    s.fill_diagonal_(-2)
+    return float((s.topk(2, dim=1).values @ torch.tensor([1.0, -1.0], dtype=torch.float64)).min())
+
+
+@needs_ext
+@pytest.mark.parametrize("dim", [6, 33])
+@pytest.mark.parametrize("loss", ["nt_xent", "multiview", "clip"])
+def test_tiny_temperature_across_tile_blocks(loss, dim):
+    """τ = 1e-8 with 264 rows: 3 row blocks (the last of 8 rows) × 2 column blocks of the CPU
+    kernels' tiles. At such a temperature one ulp of a similarity moves exp(s/τ − lse) by e^6,
+    so the backward must use the forward's similarities bit for bit, also those it reads
+    transposed (s_jk as s_kj; key gradients from query tiles): this machine's BLAS (MKL on an
+    AMD EPYC) rounds small products A·Bᵀ and B·Aᵀ differently where one side has 8 or 16 rows."""
+    xs = inputs(loss, torch.float32, rows=88 if loss == "multiview" else 132, dim=dim, seed=3)
+    assert _min_top2_gap(xs) > 1e-6  # one-hot at τ = 1e-8: gap/τ ≥ 100, past fp32 logit noise (~10)
+    t = 1e8 if loss == "clip" else 1e-8
+    got, grads = loss_and_grads(loss, xs, t, "cpu")
+    ref, ref_grads = loss_and_grads(loss, [x.double() for x in xs], t, "reference")
+    assert_rel_close(got, ref, 1e-5, "loss")
+    for g, r in zip(grads, ref_grads):
+        assert_rel_close(g.double() * 1e-8, r * 1e-8, 1e-5, "grad")
