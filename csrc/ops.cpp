@@ -49,7 +49,7 @@ TORCH_LIBRARY(fastntxent, m) {
   m.def(
       "self_backward(Tensor u, Tensor temperature, Tensor? labels, int rows_per_view, Tensor lse, "
       "Tensor grad_lse, Tensor grad_pos) -> Tensor");
-  // Local-rows form of the self family (docs/distributed.md; csrc/cpu/self_local_rows.cpp): rows
+  // Local-rows form of the self family (docs/distributed.md; csrc/cpu/self_similarity.cpp): rows
   // [row_start, row_stop) of u (M, D) against all M columns, the diagonal at the row offset,
   // labels (M,) global. Forward: the five statistics of those rows, each (row_stop - row_start,).
   // Backward: ∂L/∂u (M, D) for L = Σ_local grad_lse_i·lse_i + grad_pos_i·pos_sum_i (row and

@@ -5,7 +5,7 @@
     fastntxent::self_backward_rows_triton(u, temperature, labels, rows_per_view, row_start, row_stop,
                                           lse, grad_lse, grad_pos) -> grad_u   (M, D) in u's dtype
 
-Same schema and meaning as the C++ operators (csrc/ops.cpp, csrc/cpu/self_local_rows.cpp); the
+Same schema and meaning as the C++ operators (csrc/ops.cpp, csrc/cpu/self_similarity.cpp); the
 kernels are in self_local_kernels.py. This file checks, poisons the outputs, picks the kernel
 flags and column splits, launches, merges split states and adds the row side of the gradient
 into the column side.
