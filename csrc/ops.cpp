@@ -42,13 +42,16 @@ TORCH_LIBRARY(fastntxent, m) {
   //   pos_count |P(i)|
   //   expected_logit  Σ_j P_ij s_ij    (for ∂/∂τ)
   //   top1     1 if the most similar other row is a positive, else 0
+  // decoupled (DCL, Yeh et al. 2022): the positives are left out of the logsumexp too,
+  // lse = log Σ_{j≠i, j∉P(i)} exp(s_ij) (−inf for a row without a negative); P and
+  // expected_logit follow it; pos_sum, pos_count and top1 are unchanged.
   m.def(
-      "self_forward(Tensor u, Tensor temperature, Tensor? labels, int rows_per_view) -> "
+      "self_forward(Tensor u, Tensor temperature, Tensor? labels, int rows_per_view, bool decoupled=False) -> "
       "(Tensor lse, Tensor pos_sum, Tensor pos_count, Tensor expected_logit, Tensor top1)");
   // ∂L/∂u for L = Σ_i grad_lse_i·lse_i + grad_pos_i·pos_sum_i; returns (M, D) in u's dtype.
   m.def(
       "self_backward(Tensor u, Tensor temperature, Tensor? labels, int rows_per_view, Tensor lse, "
-      "Tensor grad_lse, Tensor grad_pos) -> Tensor");
+      "Tensor grad_lse, Tensor grad_pos, bool decoupled=False) -> Tensor");
   // Local-rows form of the self family (docs/distributed.md; csrc/cpu/self_similarity.cpp): rows
   // [row_start, row_stop) of u (M, D) against all M columns, the diagonal at the row offset,
   // labels (M,) global. Forward: the five statistics of those rows, each (row_stop - row_start,).
@@ -56,10 +59,11 @@ TORCH_LIBRARY(fastntxent, m) {
   // column side of every tile: the gradient of every global row produced by the local rows).
   m.def(
       "self_forward_rows(Tensor u, Tensor temperature, Tensor? labels, int rows_per_view, int row_start, "
-      "int row_stop) -> (Tensor lse, Tensor pos_sum, Tensor pos_count, Tensor expected_logit, Tensor top1)");
+      "int row_stop, bool decoupled=False) -> (Tensor lse, Tensor pos_sum, Tensor pos_count, Tensor expected_logit, "
+      "Tensor top1)");
   m.def(
       "self_backward_rows(Tensor u, Tensor temperature, Tensor? labels, int rows_per_view, int row_start, "
-      "int row_stop, Tensor lse, Tensor grad_lse, Tensor grad_pos) -> Tensor");
+      "int row_stop, Tensor lse, Tensor grad_lse, Tensor grad_pos, bool decoupled=False) -> Tensor");
 
   // Cross-similarity family (docs/maths.md §2; csrc/cpu/cross_similarity.cpp). Rows q: (M, D),
   // keys k: (N, D), queue: (K, D) extra negatives or None, scale: 0-dim multiplier of the
@@ -71,14 +75,16 @@ TORCH_LIBRARY(fastntxent, m) {
   //   pos     s_i,pos = scale · q_i·k_{i+pos_offset}
   //   expected_logit  Σ_c P_ic s_ic     (∂lse_i/∂scale = expected_logit_i / scale)
   //   top1    1 if the largest logit is the positive (first index on ties), else 0
+  // decoupled (DCL): the positive left out of the logsumexp (and of P); −inf without a negative.
   m.def(
-      "cross_forward(Tensor q, Tensor k, Tensor? queue, Tensor scale, int pos_offset, bool keys_are_negatives) -> "
-      "(Tensor lse, Tensor pos, Tensor expected_logit, Tensor top1)");
+      "cross_forward(Tensor q, Tensor k, Tensor? queue, Tensor scale, int pos_offset, bool keys_are_negatives, "
+      "bool decoupled=False) -> (Tensor lse, Tensor pos, Tensor expected_logit, Tensor top1)");
   // (∂L/∂q, ∂L/∂k) for L = Σ_i grad_lse_i·lse_i + grad_pos_i·pos_i, in q's / k's dtype; the
   // queue gets no gradient; grad_k is zeros (not computed) when need_grad_k is false.
   m.def(
       "cross_backward(Tensor q, Tensor k, Tensor? queue, Tensor scale, int pos_offset, bool keys_are_negatives, "
-      "Tensor lse, Tensor grad_lse, Tensor grad_pos, bool need_grad_k) -> (Tensor grad_q, Tensor grad_k)");
+      "Tensor lse, Tensor grad_lse, Tensor grad_pos, bool need_grad_k, bool decoupled=False) -> "
+      "(Tensor grad_q, Tensor grad_k)");
 
   // SigLIP's pairwise sigmoid loss (docs/maths.md §6; csrc/cpu/siglip.cpp). Images x: (M, D),
   // texts y: (N, D), scale t > 0 and bias b: 0-dim; logits ℓ_ij = t·(x_i·y_j) + b, the positive

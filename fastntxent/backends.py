@@ -9,13 +9,14 @@ cannot run.
 
 A family ("self": NT-Xent, multi-view, SupCon; "cross": InfoNCE, CLIP; "siglip": SigLIP) has one operator
 pair with one schema (csrc/ops.cpp, docs/maths.md); every backend provides that pair:
-  self:  forward(u, temperature, labels, rows_per_view) -> (lse, pos_sum, pos_count, expected_logit, top1)
-         backward(u, temperature, labels, rows_per_view, lse, grad_lse, grad_pos) -> grad_u
-  self_rows: forward(u, temperature, labels, rows_per_view, row_start, row_stop) -> the same five, (r1 − r0,)
-         backward(u, temperature, labels, rows_per_view, row_start, row_stop, lse, grad_lse, grad_pos) -> grad_u (M, D)
-  cross: forward(q, k, queue, scale, pos_offset, keys_are_negatives) -> (lse, pos, expected_logit, top1)
+  self:  forward(u, temperature, labels, rows_per_view, decoupled) -> (lse, pos_sum, pos_count, expected_logit, top1)
+         backward(u, temperature, labels, rows_per_view, lse, grad_lse, grad_pos, decoupled) -> grad_u
+  self_rows: forward(u, temperature, labels, rows_per_view, row_start, row_stop, decoupled) -> the same five, (r1 − r0,)
+         backward(u, temperature, labels, rows_per_view, row_start, row_stop, lse, grad_lse, grad_pos, decoupled)
+         -> grad_u (M, D)
+  cross: forward(q, k, queue, scale, pos_offset, keys_are_negatives, decoupled) -> (lse, pos, expected_logit, top1)
          backward(q, k, queue, scale, pos_offset, keys_are_negatives, lse, grad_lse, grad_pos,
-                  need_grad_k) -> (grad_q, grad_k)
+                  need_grad_k, decoupled) -> (grad_q, grad_k)
   siglip: forward(x, y, scale, bias, pos_offset) -> (loss, dlogit_sum, dlogit_cos)
           backward(x, y, scale, bias, pos_offset, grad_loss, need_grad_y) -> (grad_x, grad_y)
 A new backend is one row here plus its kernel file.
@@ -189,25 +190,26 @@ def _triton_operators(family: str) -> Operators:
     return Operators(launcher.cross_forward, launcher.cross_backward, selective=True)
 
 
-def _reference_self_rows(u, temperature, labels, rows_per_view):
+def _reference_self_rows(u, temperature, labels, rows_per_view, decoupled=False):
     from . import reference
 
-    return reference.self_similarity_rows(u.to(accumulation_dtype(u.dtype)), temperature, labels, rows_per_view)
+    return reference.self_similarity_rows(u.to(accumulation_dtype(u.dtype)), temperature, labels, rows_per_view,
+                                          decoupled)
 
 
-def _reference_self_local_rows(u, temperature, labels, rows_per_view, row_start, row_stop):
+def _reference_self_local_rows(u, temperature, labels, rows_per_view, row_start, row_stop, decoupled=False):
     from . import reference
 
     return reference.self_similarity_local_rows(u.to(accumulation_dtype(u.dtype)), temperature, labels, rows_per_view,
-                                                row_start, row_stop)
+                                                row_start, row_stop, decoupled)
 
 
-def _reference_cross_rows(q, k, queue, scale, pos_offset, keys_are_negatives):
+def _reference_cross_rows(q, k, queue, scale, pos_offset, keys_are_negatives, decoupled=False):
     from . import reference
 
     acc = accumulation_dtype(q.dtype)
     return reference.cross_similarity_rows(q.to(acc), k.to(acc), None if queue is None else queue.to(acc), scale,
-                                           pos_offset, keys_are_negatives)
+                                           pos_offset, keys_are_negatives, decoupled)
 
 
 def _reference_siglip_rows(x, y, scale, bias, pos_offset):

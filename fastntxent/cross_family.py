@@ -2,14 +2,15 @@
 
 One operator pair, implemented by the fused backends (fastntxent.backends):
 
-    forward(q, k, queue, scale, pos_offset, keys_are_negatives) -> (lse, pos, expected_logit, top1)
+    forward(q, k, queue, scale, pos_offset, keys_are_negatives, decoupled) -> (lse, pos, expected_logit, top1)
         rows q (M, D) against keys k (N, D) and an optional queue (K, D) of extra negatives;
         logits s_ic = scale · (q_i · c); the positive of row i is k_{i+pos_offset}. The columns
         of row i are every key and the queue when `keys_are_negatives`, else its positive key
         and the queue (MoCo v2). Each output (M,) in the accumulation dtype: lse_i = log Σ_c e^{s_ic},
         pos_i = s_i,pos, expected_logit_i = Σ_c P_ic s_ic, top1_i = [the largest logit is the positive].
-        CLIP's column logsumexps are the same operator with the towers swapped.
-    backward(q, k, queue, scale, pos_offset, keys_are_negatives, lse, grad_lse, grad_pos, need_grad_k)
+        CLIP's column logsumexps are the same operator with the towers swapped. `decoupled` (DCL):
+        the positive left out of the logsumexp and of P (−inf for a row without a negative).
+    backward(q, k, queue, scale, pos_offset, keys_are_negatives, lse, grad_lse, grad_pos, need_grad_k, decoupled)
         -> (∂L/∂q, ∂L/∂k) for L = Σ_i grad_lse_i·lse_i + grad_pos_i·pos_i (grad_k zeros when not
         needed); the queue gets no gradient.
 
@@ -46,13 +47,15 @@ def register_operators(forward_op, backward_op) -> None:
         return tuple(torch.empty_like(rows) for _ in range(4))
 
     @torch.library.register_fake(backward_op)
-    def _backward_fake(q, k, queue, scale, pos_offset, keys_are_negatives, lse, grad_lse, grad_pos, need_grad_k):
+    def _backward_fake(q, k, queue, scale, pos_offset, keys_are_negatives, lse, grad_lse, grad_pos, need_grad_k,
+                       decoupled=False):
         return (torch.empty_like(q, memory_format=torch.contiguous_format),
                 torch.empty_like(k, memory_format=torch.contiguous_format))
 
     def setup_context(ctx, inputs, output):
-        # (a trailing `outputs` mask of the Triton operator: not differentiable)
+        # (the DCL flag, then a trailing `outputs` mask of the Triton operator: not differentiable)
         q, k, queue, scale, pos_offset, keys_are_negatives = inputs[:6]
+        ctx.decoupled = bool(inputs[6]) if len(inputs) > 6 else False
         ctx.n_extra = len(inputs) - 6
         lse, pos, expected_logit, _ = output
         ctx.save_for_backward(q, k, queue, scale, lse, pos, expected_logit)
@@ -67,7 +70,8 @@ def register_operators(forward_op, backward_op) -> None:
         grad_q = grad_k = grad_s = None
         need_q, need_k = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if need_q or need_k:
-            gq, gk = backward_op(q, k, queue, scale, ctx.pos_offset, ctx.keys_are_negatives, lse, grad_lse, grad_pos, need_k)
+            gq, gk = backward_op(q, k, queue, scale, ctx.pos_offset, ctx.keys_are_negatives, lse, grad_lse, grad_pos,
+                                 need_k, ctx.decoupled)
             grad_q = gq if need_q else None
             grad_k = gk if need_k else None
         if ctx.needs_input_grad[3]:
@@ -106,6 +110,7 @@ def info_nce(
     backend: str = "auto",
     gather: bool = False,
     return_stats: bool = False,
+    decoupled: bool = False,
 ):
     """InfoNCE of queries q (M, D) against keys k (M, D); the positive of q_i is k_i.
 
@@ -117,6 +122,8 @@ def info_nce(
     Returns the mean over the M queries (reduction "sum" / "none" as in nt_xent).
     gather=True (torch.distributed): without a queue the keys of all ranks are the negatives;
     the value is the loss over all ranks' queries (see fastntxent.distributed).
+    decoupled=True (DCL): the positive left out of each denominator (−inf for a query without
+    a negative: one key and no queue).
     """
     check_pair("q", q, "k", k, allow_no_rows=check_flag("gather", gather))
     if queue is not None:
@@ -127,7 +134,8 @@ def info_nce(
         check_embeddings("queue", queue)
         check_same_device(q=q, queue=queue)
     check_reduction(reduction)
-    for name, flag in (("normalize", normalize), ("gather", gather), ("return_stats", return_stats)):
+    for name, flag in (("normalize", normalize), ("gather", gather), ("return_stats", return_stats),
+                       ("decoupled", decoupled)):
         check_flag(name, flag)
     tau = as_temperature(temperature, q)
     chosen = backends.resolve("cross", backend, q.device, q.dtype)
@@ -161,7 +169,7 @@ def info_nce(
             keys, offset = _dist.gather_rows(uk, layout), layout.start
         bad = _dist.all_reduce_sum(bad.to(torch.int32)) > 0  # a bad query or key on any rank poisons all
     scale = 1.0 / tau
-    lse, pos, _, top1 = ops.forward(uq, keys, uqueue, scale, offset, keys_are_negatives,
+    lse, pos, _, top1 = ops.forward(uq, keys, uqueue, scale, offset, keys_are_negatives, decoupled,
                                     *ops.forward_extra(scale, return_stats))
     per_row = lse - pos
     if gather:
@@ -204,15 +212,18 @@ def clip_loss(
     backend: str = "auto",
     gather: bool = False,
     return_stats: bool = False,
+    decoupled: bool = False,
 ):
     """Symmetric CLIP loss ½ (CE(a bᵀ·s, arange) + CE(b aᵀ·s, arange)) of two towers a, b (M, D).
 
     logit_scale s: a float or 0-dim tensor (may require grad, e.g. `log_scale.exp()`), > 0.
     gather=True (torch.distributed): both towers of all ranks are the negatives; the value is
     the loss over the global batch (see fastntxent.distributed).
+    decoupled=True (DCL): the matching pair left out of both softmaxes' denominators.
     """
     check_pair("a", a, "b", b, allow_no_rows=check_flag("gather", gather))
-    for name, flag in (("normalize", normalize), ("gather", gather), ("return_stats", return_stats)):
+    for name, flag in (("normalize", normalize), ("gather", gather), ("return_stats", return_stats),
+                       ("decoupled", decoupled)):
         check_flag(name, flag)
     scale = as_temperature(logit_scale, a, name="logit_scale")
     chosen = backends.resolve("cross", backend, a.device, a.dtype)
@@ -233,8 +244,8 @@ def clip_loss(
         all_a, all_b = _dist.gather_rows(ua, layout), _dist.gather_rows(ub, layout)
         offset, global_rows = layout.start, layout.total
         bad = bad | any_nonfinite(all_a, all_b)
-    lse_ab, pos_ab, _, top1_ab = ops.forward(ua, all_b, None, scale, offset, True, *extra)  # rows: a → b
-    lse_ba, pos_ba, _, top1_ba = ops.forward(ub, all_a, None, scale, offset, True, *extra)  # columns: b → a
+    lse_ab, pos_ab, _, top1_ab = ops.forward(ua, all_b, None, scale, offset, True, decoupled, *extra)  # rows: a → b
+    lse_ba, pos_ba, _, top1_ba = ops.forward(ub, all_a, None, scale, offset, True, decoupled, *extra)  # b → a
     per_row = 0.5 * ((lse_ab - pos_ab) + (lse_ba - pos_ba))
     if gather:
         loss = _dist.reduce_local_rows(per_row, "mean", global_rows)

@@ -241,7 +241,8 @@ def sample_labels(layout: Layout, views: int, device) -> torch.Tensor:
 
 
 def gathered_self_loss(z: torch.Tensor, labels: Optional[torch.Tensor], views: int, temperature, *,
-                       name: str, normalize: bool, reduction: str, backend: str, return_stats: bool):
+                       name: str, normalize: bool, reduction: str, backend: str, return_stats: bool,
+                       decoupled: bool = False):
     """The self family over the global batch. z: (views·n, D) local rows, view-major (views = 1
     with labels for supcon); labels: (rows,) int64 or None (the views of a sample are its
     positives). "none" returns the local rows' ℓ in the local layout."""
@@ -254,6 +255,7 @@ def gathered_self_loss(z: torch.Tensor, labels: Optional[torch.Tensor], views: i
     check_reduction(reduction)
     check_flag("normalize", normalize)
     check_flag("return_stats", return_stats)
+    check_flag("decoupled", decoupled)
     require_process_group()
     tau = as_temperature(temperature, z)
     chosen = backends.resolve("self", backend, z.device, z.dtype)
@@ -273,9 +275,9 @@ def gathered_self_loss(z: torch.Tensor, labels: Optional[torch.Tensor], views: i
     all_u = poison_gradient(all_u, bad)
     start, stop, total = layout.start, layout.stop, layout.total
     if stop - start < total and backends.refusal(chosen.name, "self_rows", z.device, z.dtype) is None:
-        rows = chosen.operators("self_rows").forward(all_u, tau, all_labels, 1, start, stop)
+        rows = chosen.operators("self_rows").forward(all_u, tau, all_labels, 1, start, stop, decoupled)
     else:  # one rank (the symmetric single-process backward), or no local-rows operators: full batch
-        rows = [x[start:stop] for x in chosen.operators("self").forward(all_u, tau, all_labels, 1)]
+        rows = [x[start:stop] for x in chosen.operators("self").forward(all_u, tau, all_labels, 1, decoupled)]
     lse, pos_sum, pos_count, _, top1 = rows
     per_row, has_pos = row_loss(lse, pos_sum, pos_count)
     anchors = all_reduce_sum(has_pos.sum())

@@ -21,10 +21,11 @@ def _shown(value) -> str:
 
 class _TemperatureModule(nn.Module):
     def __init__(self, temperature: float, learnable_temperature: bool, normalize: bool,
-                 reduction: str, backend: str, gather: bool = False):
+                 reduction: str, backend: str, gather: bool = False, decoupled: bool = False):
         super().__init__()
         temperature = check_positive_number("temperature", temperature)
         self.gather = check_flag("gather", gather)
+        self.decoupled = check_flag("decoupled", decoupled)
         self.normalize = check_flag("normalize", normalize)
         self.reduction = check_reduction(reduction)
         self.backend = check_backend(backend)
@@ -42,19 +43,20 @@ class _TemperatureModule(nn.Module):
 
     def _options(self, return_stats: bool) -> dict:
         return dict(normalize=self.normalize, reduction=self.reduction, backend=self.backend,
-                    return_stats=return_stats, gather=self.gather)
+                    return_stats=return_stats, gather=self.gather, decoupled=self.decoupled)
 
     def extra_repr(self) -> str:
         return (f"temperature={_shown(self.temperature)}, learnable_temperature={self.learnable_temperature}, "
                 f"normalize={self.normalize}, reduction={self.reduction!r}, backend={self.backend!r}, "
-                f"gather={self.gather}")
+                f"gather={self.gather}, decoupled={self.decoupled}")
 
 
 class NTXentLoss(_TemperatureModule):
     """SimCLR NT-Xent loss.
 
     Args: temperature (τ > 0), learnable_temperature, normalize, reduction, backend,
-    gather (torch.distributed: the loss of all ranks' rows, see fastntxent.distributed).
+    gather (torch.distributed: the loss of all ranks' rows, see fastntxent.distributed),
+    decoupled (DCL: the positive left out of each denominator).
     Shape: z1, z2: (N, D) → scalar (or (2N,) with reduction="none").
     Example:
         >>> loss_fn = NTXentLoss(temperature=0.5)
@@ -63,8 +65,8 @@ class NTXentLoss(_TemperatureModule):
 
     def __init__(self, temperature: float = 0.5, *, learnable_temperature: bool = False,
                  normalize: bool = True, reduction: str = "mean", backend: str = "auto",
-                 gather: bool = False):
-        super().__init__(temperature, learnable_temperature, normalize, reduction, backend, gather)
+                 gather: bool = False, decoupled: bool = False):
+        super().__init__(temperature, learnable_temperature, normalize, reduction, backend, gather, decoupled)
 
     def forward(self, z1: torch.Tensor, z2: torch.Tensor, *, return_stats: bool = False):
         return nt_xent(z1, z2, self.temperature, **self._options(return_stats))
@@ -73,7 +75,7 @@ class NTXentLoss(_TemperatureModule):
 class SupConLoss(_TemperatureModule):
     """Supervised contrastive loss (L_out).
 
-    Args as NTXentLoss (gather: all ranks' rows and labels).
+    Args as NTXentLoss (gather: all ranks' rows and labels; decoupled: every positive left out).
     Shape: z: (M, D), labels: (M,) integer → scalar (or (M,) with reduction="none").
     Example:
         >>> loss = SupConLoss(temperature=0.1)(features, labels)
@@ -81,8 +83,8 @@ class SupConLoss(_TemperatureModule):
 
     def __init__(self, temperature: float = 0.1, *, learnable_temperature: bool = False,
                  normalize: bool = True, reduction: str = "mean", backend: str = "auto",
-                 gather: bool = False):
-        super().__init__(temperature, learnable_temperature, normalize, reduction, backend, gather)
+                 gather: bool = False, decoupled: bool = False):
+        super().__init__(temperature, learnable_temperature, normalize, reduction, backend, gather, decoupled)
 
     def forward(self, z: torch.Tensor, labels: torch.Tensor, *, return_stats: bool = False):
         return supcon(z, labels, self.temperature, **self._options(return_stats))
@@ -92,7 +94,8 @@ class InfoNCELoss(_TemperatureModule):
     """InfoNCE / MoCo loss of queries against keys (and an optional queue of negatives).
 
     Args: temperature (τ > 0), learnable_temperature (log-parameterised), normalize,
-    reduction, backend, gather (torch.distributed: all ranks' keys, global loss).
+    reduction, backend, gather (torch.distributed: all ranks' keys, global loss), decoupled
+    (DCL: the positive left out of each denominator).
     Shape: q, k: (M, D), queue: (K, D) or None → scalar (or (M,) with reduction="none").
     Example (MoCo v2):
         >>> loss_fn, queue = InfoNCELoss(temperature=0.2), MemoryQueue(dim=128, size=65536)
@@ -102,8 +105,8 @@ class InfoNCELoss(_TemperatureModule):
 
     def __init__(self, temperature: float = 0.2, *, learnable_temperature: bool = False,
                  normalize: bool = True, reduction: str = "mean", backend: str = "auto",
-                 gather: bool = False):
-        super().__init__(temperature, learnable_temperature, normalize, reduction, backend, gather)
+                 gather: bool = False, decoupled: bool = False):
+        super().__init__(temperature, learnable_temperature, normalize, reduction, backend, gather, decoupled)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor | None = None, *,
                 return_stats: bool = False):
@@ -115,7 +118,8 @@ class ClipLoss(nn.Module):
 
     Args: logit_scale (initial value, > 0; CLIP uses 1/0.07), learnable (log-parameterised
     parameter `log_logit_scale`), max_logit_scale (clamp of the scale, CLIP uses 100; None:
-    no clamp), normalize, backend, gather (torch.distributed: all ranks' rows, global loss).
+    no clamp), normalize, backend, gather (torch.distributed: all ranks' rows, global loss),
+    decoupled (DCL: the matching pair left out of both denominators).
     Shape: a, b: (M, D) → scalar. forward(a, b, logit_scale=None, *, return_stats=False): a
     logit_scale passed (open_clip's call) is used instead of the module's own.
     Example:
@@ -124,8 +128,9 @@ class ClipLoss(nn.Module):
 
     def __init__(self, logit_scale: float = 1 / 0.07, *, learnable: bool = True,
                  max_logit_scale: float | None = 100.0, normalize: bool = True,
-                 backend: str = "auto", gather: bool = False):
+                 backend: str = "auto", gather: bool = False, decoupled: bool = False):
         super().__init__()
+        self.decoupled = check_flag("decoupled", decoupled)
         logit_scale = check_positive_number("logit_scale", logit_scale)
         if max_logit_scale is not None:
             max_logit_scale = check_positive_number("max_logit_scale", max_logit_scale)
@@ -153,12 +158,12 @@ class ClipLoss(nn.Module):
         `model.logit_scale.exp()`, learnable outside the module) is used as it is, unclamped."""
         scale = self.logit_scale if logit_scale is None else logit_scale
         return clip_loss(a, b, scale, normalize=self.normalize, backend=self.backend,
-                         gather=self.gather, return_stats=return_stats)
+                         gather=self.gather, return_stats=return_stats, decoupled=self.decoupled)
 
     def extra_repr(self) -> str:
         return (f"logit_scale={_shown(self.logit_scale)}, learnable={self.learnable}, "
                 f"max_logit_scale={self.max_logit_scale}, normalize={self.normalize}, backend={self.backend!r}, "
-                f"gather={self.gather}")
+                f"gather={self.gather}, decoupled={self.decoupled}")
 
 
 class MemoryQueue(nn.Module):

@@ -17,17 +17,18 @@ def normalize_rows(z: torch.Tensor) -> torch.Tensor:
 
 
 def self_similarity_rows(u: torch.Tensor, temperature: torch.Tensor, labels: torch.Tensor | None,
-                         rows_per_view: int = 1):
+                         rows_per_view: int = 1, decoupled: bool = False):
     """Per-row statistics of the self family (docs/maths.md §1) from the materialised matrix.
 
     u: (M, D) rows, temperature: 0-dim, labels: (M,) int or None (label(i) = i mod
     rows_per_view). Returns (lse, pos_sum, pos_count, expected_logit, top1), each (M,) in u's
-    dtype — the quantities the fused operators produce (same signature)."""
-    return self_similarity_local_rows(u, temperature, labels, rows_per_view, 0, u.shape[0])
+    dtype — the quantities the fused operators produce (same signature). `decoupled`: the
+    positives are left out of the logsumexp (DCL; −inf for a row without a negative)."""
+    return self_similarity_local_rows(u, temperature, labels, rows_per_view, 0, u.shape[0], decoupled)
 
 
 def self_similarity_local_rows(u: torch.Tensor, temperature: torch.Tensor, labels: torch.Tensor | None,
-                               rows_per_view: int, row_start: int, row_stop: int):
+                               rows_per_view: int, row_start: int, row_stop: int, decoupled: bool = False):
     """The local-rows form (docs/distributed.md): rows [row_start, row_stop) of u (M, D) against
     all M columns, the diagonal excluded at the row offset (column row_start + r of local row r),
     positives from the global labels (M,) or label(i) = i mod rows_per_view of the global index.
@@ -39,13 +40,17 @@ def self_similarity_local_rows(u: torch.Tensor, temperature: torch.Tensor, label
     rows = torch.arange(row_start, row_stop, device=u.device)
     s = (u[row_start:row_stop] @ u.T) / temperature
     self_mask = rows[:, None] == torch.arange(M, device=u.device)[None, :]
+    pos = (labels[row_start:row_stop, None] == labels[None, :]) & ~self_mask
     # A large finite fill (not -inf) keeps gradients finite when a row has no other column.
     s_others = s.masked_fill(self_mask, torch.finfo(s.dtype).min)
-    lse = torch.logsumexp(s_others, dim=1)
-    pos = (labels[row_start:row_stop, None] == labels[None, :]) & ~self_mask
+    left_out = self_mask | pos if decoupled else self_mask  # out of the logsumexp
+    s_lse = s.masked_fill(left_out, torch.finfo(s.dtype).min)
+    lse = torch.logsumexp(s_lse, dim=1)
+    if decoupled:  # a row without a negative: log 0
+        lse = torch.where(left_out.all(1), torch.full_like(lse, float("-inf")), lse)
     pos_sum = (s * pos).sum(1)
     pos_count = pos.sum(1).to(u.dtype)
-    p = torch.softmax(s_others, dim=1).masked_fill(self_mask, 0)
+    p = torch.softmax(s_lse, dim=1).masked_fill(left_out, 0)
     expected_logit = (p * s).sum(1)
     top1 = pos.gather(1, s_others.argmax(1, keepdim=True)).squeeze(1).to(u.dtype)
     return lse, pos_sum, pos_count, expected_logit, top1
@@ -71,11 +76,13 @@ def self_similarity_loss(
 
 
 def cross_similarity_rows(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor | None,
-                          scale: torch.Tensor, pos_offset: int = 0, keys_are_negatives: bool = True):
+                          scale: torch.Tensor, pos_offset: int = 0, keys_are_negatives: bool = True,
+                          decoupled: bool = False):
     """Per-row statistics of the cross family (docs/maths.md §2) from the materialised logits.
     q: (M, D) rows, k: (N, D) keys (positive of row i: k[i + pos_offset]), queue: (K, D) or
     None, scale: 0-dim multiplier. Columns: all keys when `keys_are_negatives`, else the
-    positive key only; then the queue. Returns (lse, pos, expected_logit, top1), each (M,)."""
+    positive key only; then the queue. Returns (lse, pos, expected_logit, top1), each (M,).
+    `decoupled`: the positive left out of the logsumexp (DCL; −inf without a negative)."""
     M = q.shape[0]
     idx = torch.arange(M, device=q.device) + pos_offset
     if keys_are_negatives:
@@ -89,10 +96,18 @@ def cross_similarity_rows(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor 
     if queue is not None:
         parts.append((q @ queue.T.to(q.dtype)) * scale)
     logits = torch.cat(parts, dim=1)
-    lse = torch.logsumexp(logits, dim=1)
-    expected_logit = (torch.softmax(logits, dim=1) * logits).sum(1)
     top1 = (logits.argmax(1) == target).to(q.dtype)
-    return lse, pos, expected_logit, top1
+    if not decoupled:
+        lse = torch.logsumexp(logits, dim=1)
+        expected_logit = (torch.softmax(logits, dim=1) * logits).sum(1)
+        return lse, pos, expected_logit, top1
+    is_pos = torch.arange(logits.shape[1], device=q.device)[None, :] == target[:, None]
+    others = logits.masked_fill(is_pos, torch.finfo(logits.dtype).min)  # finite: finite gradients
+    lse = torch.logsumexp(others, dim=1)
+    if logits.shape[1] == 1:  # no negative: log 0
+        lse = torch.full_like(lse, float("-inf"))
+    p = torch.softmax(others, dim=1).masked_fill(is_pos, 0)
+    return lse, pos, (p * logits).sum(1), top1
 
 
 def info_nce_loss(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor | None = None,

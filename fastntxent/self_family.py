@@ -2,12 +2,13 @@
 
 One operator pair, implemented by every fused backend (fastntxent.backends):
 
-    forward(u, temperature, labels, rows_per_view) -> (lse, pos_sum, pos_count, expected_logit, top1)
+    forward(u, temperature, labels, rows_per_view, decoupled) -> (lse, pos_sum, pos_count, expected_logit, top1)
         u (M, D) rows (normalised when asked), temperature 0-dim, labels (M,) int64 or None
         (then label(i) = i mod rows_per_view). Each output (M,) in the accumulation dtype:
-        lse_i = log Σ_{j≠i} e^{s_ij}, pos_sum_i = Σ_{p∈P(i)} s_ip, pos_count_i = |P(i)|,
-        expected_logit_i = Σ_j P_ij s_ij (for ∂/∂τ), top1_i = [the most similar other row is a positive].
-    backward(u, temperature, labels, rows_per_view, lse, grad_lse, grad_pos) -> grad_u (M, D)
+        lse_i = log Σ_{j≠i} e^{s_ij} (decoupled: also j ∉ P(i)), pos_sum_i = Σ_{p∈P(i)} s_ip,
+        pos_count_i = |P(i)|, expected_logit_i = Σ_j P_ij s_ij (for ∂/∂τ), top1_i = [the most
+        similar other row is a positive].
+    backward(u, temperature, labels, rows_per_view, lse, grad_lse, grad_pos, decoupled) -> grad_u (M, D)
         ∂L/∂u for L = Σ_i grad_lse_i·lse_i + grad_pos_i·pos_sum_i.
 
 `register_operators` gives a backend's pair its fake (meta) kernels and autograd: one formula
@@ -46,7 +47,7 @@ def register_operators(forward_op, backward_op) -> None:
         return tuple(torch.empty_like(rows) for _ in range(5))
 
     @torch.library.register_fake(backward_op)
-    def _backward_fake(u, temperature, labels, rows_per_view, lse, grad_lse, grad_pos):
+    def _backward_fake(u, temperature, labels, rows_per_view, lse, grad_lse, grad_pos, decoupled=False):
         return torch.empty_like(u, memory_format=torch.contiguous_format)
 
     _register_autograd(forward_op, backward_op, 1)
@@ -54,8 +55,9 @@ def register_operators(forward_op, backward_op) -> None:
 
 def _register_autograd(forward_op, backward_op, n_ints: int) -> None:
     """The one autograd formula of the self family's operator pairs, whose inputs are
-    (u, temperature, labels, *ints[, outputs]) — n_ints ints: rows_per_view (and row_start,
-    row_stop), then the Triton forward's optional `outputs` mask."""
+    (u, temperature, labels, *ints, decoupled[, outputs]) — n_ints ints: rows_per_view (and
+    row_start, row_stop), the DCL flag, then the Triton forward's optional `outputs` mask; the
+    backward takes (u, temperature, labels, *ints, lse, grad_lse, grad_pos, decoupled)."""
 
     def setup_context(ctx, inputs, output):
         u, temperature, labels = inputs[:3]
@@ -63,7 +65,8 @@ def _register_autograd(forward_op, backward_op, n_ints: int) -> None:
         lse, pos_sum, _, expected_logit, _ = output
         ctx.save_for_backward(u, temperature, labels, lse, pos_sum, expected_logit)
         ctx.ints = ints
-        ctx.n_extra = len(inputs) - 3 - n_ints  # a trailing `outputs` mask (Triton): not differentiable
+        ctx.decoupled = bool(inputs[3 + n_ints]) if len(inputs) > 3 + n_ints else False
+        ctx.n_extra = len(inputs) - 3 - n_ints  # the flag and `outputs` mask (Triton): not differentiable
 
     def backward(ctx, grad_lse, grad_pos, _grad_count, _grad_expected, _grad_top1):
         refuse_double_backward()
@@ -72,7 +75,7 @@ def _register_autograd(forward_op, backward_op, n_ints: int) -> None:
         grad_pos = torch.zeros_like(lse) if grad_pos is None else grad_pos
         grad_u = grad_t = None
         if ctx.needs_input_grad[0]:
-            grad_u = backward_op(u, temperature, labels, *ctx.ints, lse, grad_lse, grad_pos)
+            grad_u = backward_op(u, temperature, labels, *ctx.ints, lse, grad_lse, grad_pos, ctx.decoupled)
         if ctx.needs_input_grad[1]:
             grad_t = _temperature_grad(grad_lse, grad_pos, expected_logit, pos_sum, temperature)
         return (grad_u, grad_t, None, *(None for _ in ctx.ints)) + (None,) * ctx.n_extra
@@ -88,19 +91,20 @@ def _temperature_grad(grad_lse, grad_pos, expected_logit, pos_sum, temperature):
 def register_rows_operators(forward_op, backward_op) -> None:
     """Fake kernels and autograd for a backend's local-rows operator pair (docs/distributed.md):
 
-    forward(u, temperature, labels, rows_per_view, row_start, row_stop) -> the five statistics of
-        rows [row_start, row_stop) of u (M, D) against all M columns, each (row_stop − row_start,);
-    backward(u, temperature, labels, rows_per_view, row_start, row_stop, lse, grad_lse, grad_pos)
+    forward(u, temperature, labels, rows_per_view, row_start, row_stop, decoupled) -> the five
+        statistics of rows [row_start, row_stop) of u (M, D) against all M columns, each (row_stop − row_start,);
+    backward(u, temperature, labels, rows_per_view, row_start, row_stop, lse, grad_lse, grad_pos, decoupled)
         -> ∂L/∂u (M, D): the gradient of every row of u produced by the local rows' statistics.
     """
 
     @torch.library.register_fake(forward_op)
-    def _forward_fake(u, temperature, labels, rows_per_view, row_start, row_stop):
+    def _forward_fake(u, temperature, labels, rows_per_view, row_start, row_stop, decoupled=False):
         rows = u.new_empty((row_stop - row_start,), dtype=accumulation_dtype(u.dtype))
         return tuple(torch.empty_like(rows) for _ in range(5))
 
     @torch.library.register_fake(backward_op)
-    def _backward_fake(u, temperature, labels, rows_per_view, row_start, row_stop, lse, grad_lse, grad_pos):
+    def _backward_fake(u, temperature, labels, rows_per_view, row_start, row_stop, lse, grad_lse, grad_pos,
+                       decoupled=False):
         return torch.empty_like(u, memory_format=torch.contiguous_format)
 
     _register_autograd(forward_op, backward_op, 3)
@@ -158,12 +162,14 @@ def self_similarity_loss(
     reduction: str = "mean",
     backend: str = "auto",
     return_stats: bool = False,
+    decoupled: bool = False,
 ):
     """Core of the family. z: (M, D); labels: (M,) int64, or None for label(i) = i mod
     rows_per_view. Returns the loss (fp32; fp64 for fp64 inputs) or (loss, stats)."""
     check_reduction(reduction)
     check_flag("normalize", normalize)
     check_flag("return_stats", return_stats)
+    check_flag("decoupled", decoupled)
     tau = as_temperature(temperature, z)
     chosen = backends.resolve("self", backend, z.device, z.dtype)
     refuse_unsupported_autograd(chosen.name, z, tau)
@@ -174,7 +180,8 @@ def self_similarity_loss(
     u_dtype = chosen.operand_dtype("self", z.dtype)
     u = normalize_rows(z, u_dtype) if normalize else z.to(u_dtype)
     ops = chosen.operators("self")
-    lse, pos_sum, pos_count, _, top1 = ops.forward(u, tau, labels, rows_per_view, *ops.forward_extra(tau, return_stats))
+    lse, pos_sum, pos_count, _, top1 = ops.forward(u, tau, labels, rows_per_view, decoupled,
+                                                   *ops.forward_extra(tau, return_stats))
     per_row, has_pos = row_loss(lse, pos_sum, pos_count)
     loss = poison(reduce_rows(per_row, has_pos, reduction), bad, tau)
     if return_stats:
@@ -207,13 +214,15 @@ def nt_xent(
     backend: str = "auto",
     return_stats: bool = False,
     gather: bool = False,
+    decoupled: bool = False,
 ):
     """SimCLR's NT-Xent. z1, z2: (N, D) two views; row i of z1 and row i of z2 are positives.
 
     The loss averages over the 2N anchors of cat(z1, z2); `reduction="none"` returns (2N,).
     `gather=True`: loss of all ranks' rows (torch.distributed; any row counts, 0 included): the
     global z1 / z2 are the concatenations in rank order; "none" returns the local (2N,). See
-    fastntxent.distributed and docs/distributed.md.
+    fastntxent.distributed and docs/distributed.md. `decoupled=True`: DCL (Yeh et al. 2022), the
+    positive left out of each anchor's denominator (lightly's DCLLoss).
     """
     check_pair("z1", z1, "z2", z2, allow_no_rows=check_flag("gather", gather))
     _warn_if_same_views(z1, z2)
@@ -222,10 +231,10 @@ def nt_xent(
         from .distributed import gathered_self_loss
 
         return gathered_self_loss(z, None, 2, temperature, name="z1, z2", normalize=normalize, reduction=reduction,
-                                  backend=backend, return_stats=return_stats)
+                                  backend=backend, return_stats=return_stats, decoupled=decoupled)
     return self_similarity_loss(
         z, None, z1.shape[0], temperature, normalize=normalize, reduction=reduction,
-        backend=backend, return_stats=return_stats,
+        backend=backend, return_stats=return_stats, decoupled=decoupled,
     )
 
 
@@ -238,11 +247,13 @@ def multiview_nt_xent(
     backend: str = "auto",
     return_stats: bool = False,
     gather: bool = False,
+    decoupled: bool = False,
 ):
     """Multi-view NT-Xent. views: (V, N, D) or a list of V tensors (N, D); the positives of a
     row are the other V−1 views of its sample. Loss over V·N anchors (view-major).
     `gather=True`: loss of all ranks' samples (torch.distributed; any N, 0 included), see
-    fastntxent.distributed; "none" returns the local (V·N,)."""
+    fastntxent.distributed; "none" returns the local (V·N,). `decoupled=True`: the V−1
+    positives left out of each denominator (DCL)."""
     check_flag("gather", gather)
     if isinstance(views, (list, tuple)):
         if len(views) == 0:
@@ -263,10 +274,10 @@ def multiview_nt_xent(
 
         return gathered_self_loss(views.reshape(n_views * rows_per_view, dim), None, n_views, temperature,
                                   name="views", normalize=normalize, reduction=reduction, backend=backend,
-                                  return_stats=return_stats)
+                                  return_stats=return_stats, decoupled=decoupled)
     return self_similarity_loss(
         views.reshape(n_views * rows_per_view, dim), None, rows_per_view, temperature, normalize=normalize,
-        reduction=reduction, backend=backend, return_stats=return_stats,
+        reduction=reduction, backend=backend, return_stats=return_stats, decoupled=decoupled,
     )
 
 
@@ -280,12 +291,15 @@ def supcon(
     backend: str = "auto",
     return_stats: bool = False,
     gather: bool = False,
+    decoupled: bool = False,
 ):
     """Supervised contrastive loss (Khosla et al., L_out). z: (M, D), labels: (M,) integer.
 
     Anchors without a positive contribute 0 and are left out of the mean.
     `gather=True`: loss of all ranks' rows and labels (torch.distributed; any row counts, 0
-    included), see fastntxent.distributed; "none" returns the local (M,).
+    included), see fastntxent.distributed; "none" returns the local (M,). `decoupled=True`: the
+    positives left out of each denominator (DCL; an anchor whose every other row is a positive
+    has no negative and a loss of −inf).
     """
     check_embeddings("z", z, allow_no_rows=check_flag("gather", gather))
     labels = check_labels(labels, z.shape[0], z.device)
@@ -293,8 +307,8 @@ def supcon(
         from .distributed import gathered_self_loss
 
         return gathered_self_loss(z, labels, 1, temperature, name="z", normalize=normalize, reduction=reduction,
-                                  backend=backend, return_stats=return_stats)
+                                  backend=backend, return_stats=return_stats, decoupled=decoupled)
     return self_similarity_loss(
         z, labels, 1, temperature, normalize=normalize, reduction=reduction,
-        backend=backend, return_stats=return_stats,
+        backend=backend, return_stats=return_stats, decoupled=decoupled,
     )

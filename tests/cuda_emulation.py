@@ -185,9 +185,10 @@ class Kernels:
         self.path = str(path)
         self.lib = ctypes.CDLL(self.path)
         i64, vp = ctypes.c_int64, ctypes.c_void_p
-        self.lib.fastntxent_emulated_self_forward.argtypes = [vp, i64, i64, i64, ctypes.c_int, vp, vp, i64,
+        ci = ctypes.c_int
+        self.lib.fastntxent_emulated_self_forward.argtypes = [vp, i64, i64, i64, ci, vp, vp, i64, ci,
                                                               vp, vp, vp, vp, vp]
-        self.lib.fastntxent_emulated_self_backward.argtypes = [vp, i64, i64, i64, ctypes.c_int, vp, vp, i64,
+        self.lib.fastntxent_emulated_self_backward.argtypes = [vp, i64, i64, i64, ci, vp, vp, i64, ci,
                                                                vp, vp, vp, vp]
         for name in ("float_to_half", "float_to_bfloat16", "half_to_float", "bfloat16_to_float"):
             getattr(self.lib, f"fastntxent_emulated_{name}").argtypes = [vp, vp, i64]
@@ -199,7 +200,7 @@ class Kernels:
         assert u.strides[1] == u.itemsize, "unit column stride required"
 
     def forward(self, u: np.ndarray, type_code: int, temperature: float, labels: np.ndarray | None,
-                period: int) -> tuple[np.ndarray, ...]:
+                period: int, decoupled: bool = False) -> tuple[np.ndarray, ...]:
         """(lse, pos_sum, pos_count, ps_sum, top1), each (M,) fp32, poisoned with NaN first."""
         self._check_rows(u, type_code)
         M, D = u.shape
@@ -207,13 +208,15 @@ class Kernels:
         labels = None if labels is None else np.ascontiguousarray(labels, dtype=np.int64)
         outs = [np.full(M, np.nan, dtype=np.float32) for _ in range(5)]
         rc = self.lib.fastntxent_emulated_self_forward(_ptr(u), M, D, u.strides[0] // u.itemsize, type_code,
-                                                       _ptr(tau), _ptr(labels), period, *map(_ptr, outs))
+                                                       _ptr(tau), _ptr(labels), period, int(decoupled),
+                                                       *map(_ptr, outs))
         if rc != 0:
             raise RuntimeError(f"self_forward returned cudaError {rc}")
         return tuple(outs)
 
     def backward(self, u: np.ndarray, type_code: int, temperature: float, labels: np.ndarray | None,
-                 period: int, lse: np.ndarray, grad_lse: np.ndarray, grad_pos: np.ndarray) -> np.ndarray:
+                 period: int, lse: np.ndarray, grad_lse: np.ndarray, grad_pos: np.ndarray,
+                 decoupled: bool = False) -> np.ndarray:
         """grad_u (M, D) fp32, poisoned with NaN first."""
         self._check_rows(u, type_code)
         M, D = u.shape
@@ -222,7 +225,8 @@ class Kernels:
         rows = [np.ascontiguousarray(a, dtype=np.float32) for a in (lse, grad_lse, grad_pos)]
         grad = np.full((M, D), np.nan, dtype=np.float32)
         rc = self.lib.fastntxent_emulated_self_backward(_ptr(u), M, D, u.strides[0] // u.itemsize, type_code,
-                                                        _ptr(tau), _ptr(labels), period, *map(_ptr, rows),
+                                                        _ptr(tau), _ptr(labels), period, int(decoupled),
+                                                        *map(_ptr, rows),
                                                         _ptr(grad))
         if rc != 0:
             raise RuntimeError(f"self_backward returned cudaError {rc}")

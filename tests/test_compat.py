@@ -257,6 +257,45 @@ def _assert_steps_equal(ours, theirs, dtype, what):
         assert_rel_close(bo, bt, TOL[dtype], f"{what} step {step} bank")
 
 
+def ref_lightly_dcl(out0, out1, tau, weight_fn=None):
+    """lightly DCLLoss from the paper (eq. 6): per direction, the mean over rows of
+    −w_i s_ii'/τ + log Σ over both views' other rows but the positive; the two directions averaged."""
+    def one_way(a, b):
+        a, b = F.normalize(a, dim=1), F.normalize(b, dim=1)
+        n = a.shape[0]
+        eye = torch.eye(n, dtype=torch.bool)
+        s_aa, s_ab = a @ a.T / tau, a @ b.T / tau
+        negatives = torch.cat([s_aa[~eye].view(n, -1), s_ab[~eye].view(n, -1)], dim=1)
+        positive = s_ab.diagonal()
+        if weight_fn is not None:
+            positive = positive * weight_fn(a, b)
+        return (torch.logsumexp(negatives, dim=1) - positive).mean()
+
+    return (one_way(out0, out1) + one_way(out1, out0)) / 2
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", ["dcl", "dclw", "dcl-custom-weight"])
+def test_lightly_dcl(dtype, kind):
+    g = _g(3)
+    out0, out1 = torch.randn(11, 7, generator=g, dtype=torch.float64), torch.randn(11, 7, generator=g, dtype=torch.float64)
+    if kind == "dcl":
+        ours, weight, theirs = c_lightly.DCLLoss(0.1), None, (lambda: REAL_LIGHTLY.DCLLoss(0.1))
+    elif kind == "dclw":
+        ours, theirs = c_lightly.DCLWLoss(0.2, sigma=0.4), (lambda: REAL_LIGHTLY.DCLWLoss(0.2, sigma=0.4))
+        weight = lambda a, b: c_lightly.negative_mises_fisher_weights(a, b, 0.4)  # noqa: E731
+    else:
+        weight = lambda a, b: ((a - b) ** 2).sum(1)  # noqa: E731  (with a gradient)
+        ours, theirs = c_lightly.DCLLoss(0.3, weight_fn=weight), (lambda: REAL_LIGHTLY.DCLLoss(0.3, weight_fn=weight))
+    assert_same(ours, lambda a, b: ref_lightly_dcl(a, b, ours.temperature, weight), [out0, out1], dtype, "reimpl")
+    if REAL_LIGHTLY is not None:
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # lightly's torch.tensor(tensor) in its DCLW weights
+            assert_same(ours, theirs(), [out0, out1], dtype, "lightly")
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_lightly_memory_bank_ring_buffer(dtype):
     size, D, N, tau = 10, 6, 4, 0.3  # pointer 0 -> 4 -> 8 -> (eval) -> 8+4 >= 10: 2 rows written, back to 0 -> 4

@@ -64,22 +64,24 @@ def _type_code(dtype: torch.dtype) -> int:
 
 
 def op_forward(k: emu.Kernels, u: torch.Tensor, temperature: torch.Tensor, labels: Optional[torch.Tensor],
-               period: int):
+               period: int, decoupled: bool = False):
     """(u, temperature, labels or None, period) -> (lse, pos_sum, pos_count, ps_sum, top1)."""
     u = u.detach().contiguous()
     tau = float(temperature.detach().to(torch.float32))
     lab = None if labels is None else labels.contiguous().numpy()
-    return tuple(torch.from_numpy(a) for a in k.forward(_rows_numpy(u), _type_code(u.dtype), tau, lab, period))
+    return tuple(torch.from_numpy(a) for a in k.forward(_rows_numpy(u), _type_code(u.dtype), tau, lab, period,
+                                                        decoupled))
 
 
 def op_backward(k: emu.Kernels, u: torch.Tensor, temperature: torch.Tensor, labels: Optional[torch.Tensor],
-                period: int, lse: torch.Tensor, grad_lse: torch.Tensor, grad_pos: torch.Tensor) -> torch.Tensor:
+                period: int, lse: torch.Tensor, grad_lse: torch.Tensor, grad_pos: torch.Tensor,
+                decoupled: bool = False) -> torch.Tensor:
     """(u, temperature, labels, period, lse, grad_lse, grad_pos) -> grad_u in u's dtype."""
     u = u.detach().contiguous()
     tau = float(temperature.detach().to(torch.float32))
     lab = None if labels is None else labels.contiguous().numpy()
     rows = [t.detach().to(torch.float32).contiguous().numpy() for t in (lse, grad_lse, grad_pos)]
-    grad = k.backward(_rows_numpy(u), _type_code(u.dtype), tau, lab, period, *rows)
+    grad = k.backward(_rows_numpy(u), _type_code(u.dtype), tau, lab, period, *rows, decoupled=decoupled)
     return torch.from_numpy(grad).to(u.dtype)
 
 
@@ -99,18 +101,18 @@ def explicit_labels(M: int, labels: Optional[torch.Tensor], period: int) -> torc
 
 
 def reference_case(u: torch.Tensor, tau: float, labels: torch.Tensor, grad_lse: torch.Tensor,
-                   grad_pos: torch.Tensor):
+                   grad_pos: torch.Tensor, decoupled: bool = False):
     """Row statistics, ∂L/∂u and ∂L/∂τ of L = Σ a·lse + b·pos_sum, in float64 on the rounded rows."""
     u64 = u.detach().double().requires_grad_(True)
     tau64 = torch.tensor(tau, dtype=torch.float64, requires_grad=True)
-    stats = reference.self_similarity_rows(u64, tau64, labels)
+    stats = reference.self_similarity_rows(u64, tau64, labels, decoupled=decoupled)
     L = (grad_lse.double() * stats[0]).sum() + (grad_pos.double() * stats[1]).sum()
     g_u, g_tau = torch.autograd.grad(L, (u64, tau64))
     return [s.detach() for s in stats], g_u, g_tau
 
 
 def check_case(k: emu.Kernels, u: torch.Tensor, tau: float, labels: Optional[torch.Tensor], period: int,
-               stats=None, grad=None, seed: int = 0) -> None:
+               stats=None, grad=None, seed: int = 0, decoupled: bool = False) -> None:
     """Runs (or takes) the emulated forward and backward and compares them with the reference."""
     M = u.shape[0]
     tol = TOL[u.dtype]
@@ -120,12 +122,13 @@ def check_case(k: emu.Kernels, u: torch.Tensor, tau: float, labels: Optional[tor
     grad_lse[::3] = 0  # rows without weight (anchors without positives): a = 0 is skipped in the kernel
     temperature = torch.tensor(tau)
     if stats is None:
-        stats = op_forward(k, u, temperature, labels, period)
+        stats = op_forward(k, u, temperature, labels, period, decoupled)
     if grad is None:
-        grad = op_backward(k, u, temperature, labels, period, stats[0], grad_lse, grad_pos)
+        grad = op_backward(k, u, temperature, labels, period, stats[0], grad_lse, grad_pos, decoupled)
     lab = explicit_labels(M, labels, period)
-    ref, ref_gu, ref_gtau = reference_case(u, tau, lab, grad_lse, grad_pos)
-    what = f"{u.dtype} M={M} D={u.shape[1]} tau={tau} {'labels' if labels is not None else f'period={period}'}"
+    ref, ref_gu, ref_gtau = reference_case(u, tau, lab, grad_lse, grad_pos, decoupled)
+    what = (f"{u.dtype} M={M} D={u.shape[1]} tau={tau} {'labels' if labels is not None else f'period={period}'}"
+            f"{' decoupled' if decoupled else ''}")
     for name, s in zip(STAT_NAMES, stats):
         assert s.dtype == torch.float32 and s.shape == (M,), (what, name)
         assert not torch.isnan(s).any(), f"{what}: {name} has NaN (unwritten or poisoned)"
@@ -212,6 +215,17 @@ def test_rows_and_gradients_nt_xent(kernels, dtype, M, D):
 def test_rows_and_gradients_supcon(kernels, dtype, tau, M, D):
     labels = torch.randint(0, max(2, M // 8), (M,), generator=torch.Generator().manual_seed(M))
     check_case(kernels, rows(M, D, dtype, seed=D), tau, labels, 1)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: DTYPE_NAMES[d])
+@pytest.mark.parametrize("tau", [0.01, 0.5])
+@pytest.mark.parametrize("labelled", [False, True])
+@pytest.mark.parametrize("M,D", [(65, 17), (130, 64)])
+def test_rows_and_gradients_decoupled(kernels, dtype, tau, labelled, M, D):
+    """DCL: the positives out of the logsumexp and of P, the exps shifted by the negatives' own max."""
+    labels = torch.randint(0, max(2, M // 8), (M,), generator=torch.Generator().manual_seed(M)) if labelled else None
+    check_case(kernels, rows(M, D, dtype, seed=D + 7), tau, labels, 1 if labelled else nt_xent_period(M),
+               seed=M, decoupled=True)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: DTYPE_NAMES[d])
@@ -304,14 +318,14 @@ def _emulated_ops(kernels):
         return _OPS["forward"]
 
     @torch.library.custom_op("fastntxent_emulation::self_forward", mutates_args=())
-    def self_forward(u: Tensor, temperature: Tensor, labels: Optional[Tensor],
-                     period: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        return op_forward(_OPS["kernels"], u, temperature, labels, period)
+    def self_forward(u: Tensor, temperature: Tensor, labels: Optional[Tensor], period: int,
+                     decoupled: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        return op_forward(_OPS["kernels"], u, temperature, labels, period, decoupled)
 
     @torch.library.custom_op("fastntxent_emulation::self_backward", mutates_args=())
     def self_backward(u: Tensor, temperature: Tensor, labels: Optional[Tensor], period: int, lse: Tensor,
-                      grad_lse: Tensor, grad_pos: Tensor) -> Tensor:
-        return op_backward(_OPS["kernels"], u, temperature, labels, period, lse, grad_lse, grad_pos)
+                      grad_lse: Tensor, grad_pos: Tensor, decoupled: bool = False) -> Tensor:
+        return op_backward(_OPS["kernels"], u, temperature, labels, period, lse, grad_lse, grad_pos, decoupled)
 
     try:
         from fastntxent.self_family import register_operators

@@ -51,8 +51,8 @@ def _weights(n: int) -> torch.Tensor:
 
 
 # name -> (inputs with gradients, scalar value, loss(x, scalar, gather, backend), reduction)
-def _nt(red):
-    return lambda x, t, g, b: fx.nt_xent(x["z1"], x["z2"], t, reduction=red, backend=b, gather=g)
+def _nt(red, decoupled=False):
+    return lambda x, t, g, b: fx.nt_xent(x["z1"], x["z2"], t, reduction=red, backend=b, gather=g, decoupled=decoupled)
 
 
 def _mv(red):
@@ -72,6 +72,7 @@ CASES = {
     "nt_xent": (("z1", "z2"), 0.5, _nt("mean"), "mean"),
     "nt_xent_sum": (("z1", "z2"), 0.3, _nt("sum"), "sum"),
     "nt_xent_none": (("z1", "z2"), 0.4, _nt("none"), "none"),
+    "nt_xent_decoupled": (("z1", "z2"), 0.3, _nt("mean", decoupled=True), "mean"),
     "multiview": (("views",), 0.5, _mv("mean"), "mean"),
     "multiview_none": (("views",), 0.2, _mv("none"), "none"),
     "supcon": (("z",), 0.1, _sc("mean"), "mean"),
@@ -410,15 +411,19 @@ def _rows_backends():
     return out
 
 
+@pytest.mark.parametrize("decoupled", [False, True], ids=["coupled", "decoupled"])
 @pytest.mark.parametrize("backend", _rows_backends())
 @pytest.mark.parametrize("labelled", [True, False], ids=["labels", "implicit"])
 @pytest.mark.parametrize("M,D_,r0,r1", [(70, 9, 10, 47), (37, 130, 0, 37), (40, 3, 39, 40), (33, 17, 5, 5),
                                          (2, 4, 1, 2), (300, 8, 33, 290)])
-def test_local_rows_operator(backend, labelled, M, D_, r0, r1):
+def test_local_rows_operator(backend, labelled, M, D_, r0, r1, decoupled):
     """Statistics of rows [r0, r1) and the gradient they produce for every row (row and column
-    side), against the literal M×M loss restricted to those rows; an upstream gradient ≠ 1."""
+    side), against the literal M×M loss restricted to those rows; an upstream gradient ≠ 1.
+    Decoupled (DCL): the positives out of each row's logsumexp."""
     if backend == "triton" and (M > 100 or (M, labelled) in ((70, False), (37, True), (2, False))):
         pytest.skip("interpreter: a few small cases only (slow)")
+    if decoupled and (M == 2 or (backend == "triton" and M != 70)):
+        pytest.skip("M = 2: no negative (lse = −inf, tested elsewhere); interpreter: one decoupled case")
     dtype = torch.float32 if backend == "triton" else torch.float64
     tol = 1e-5 if dtype == torch.float32 else 1e-10
     g = torch.Generator().manual_seed(M + r0)
@@ -431,14 +436,15 @@ def test_local_rows_operator(backend, labelled, M, D_, r0, r1):
     # Literal: the full reference statistics, rows selected, differentiated by autograd.
     u_ref = u.clone().requires_grad_(True)
     t_ref = tau64.clone().requires_grad_(True)
-    full = reference.self_similarity_rows(u_ref, t_ref, labels if labelled else reference.implicit_labels(M, period))
+    full = reference.self_similarity_rows(u_ref, t_ref, labels if labelled else reference.implicit_labels(M, period),
+                                          decoupled=decoupled)
     want = [s[r0:r1] for s in full]
     (want[0] * w_lse + want[1] * w_pos).sum().backward()
 
     u_got = u.to(dtype).requires_grad_(True)
     t_got = tau64.to(torch.float64 if dtype == torch.float64 else torch.float32).requires_grad_(True)
     ops = backends.BACKENDS[backend].operators("self_rows")
-    got = ops.forward(u_got, t_got, labels, period, r0, r1)
+    got = ops.forward(u_got, t_got, labels, period, r0, r1, decoupled)
     for a, b, name in zip(got, want, ("lse", "pos_sum", "pos_count", "expected_logit", "top1")):
         assert a.shape == (r1 - r0,)
         if b.numel():
@@ -455,7 +461,7 @@ def test_local_rows_triton_column_splits(monkeypatch):
     from fastntxent._triton import self_local_similarity
 
     monkeypatch.setattr(self_local_similarity, "SPLITS", 3)
-    test_local_rows_operator("triton", True, 70, 9, 10, 47)
+    test_local_rows_operator("triton", True, 70, 9, 10, 47, False)
 
 
 @pytest.mark.skipif(not _extension.has_local_rows_kernels(), reason="needs the compiled local-rows operators")

@@ -299,7 +299,7 @@ def test_interior_tiles_selective_outputs_and_negative_temperature(monkeypatch, 
         ref_lab = lab if lab is not None else reference.implicit_labels(M, period)
         ref = reference.self_similarity_rows(u.double(), torch.tensor(tau).double(), ref_lab)
         for outputs in masks:
-            got = ts.self_forward(u, torch.tensor(tau), lab, period, outputs)
+            got = ts.self_forward(u, torch.tensor(tau), lab, period, False, outputs)
             for name, g, r in zip(names[:3], got[:3], ref[:3]):
                 assert_rel_close(g, r, 1e-5, f"{name} M={M} outputs={outputs}")
             if outputs & 2:
@@ -320,7 +320,7 @@ def test_loss_asks_only_for_what_it_needs(monkeypatch):
     real = ts.self_forward
 
     def spy(*args):
-        seen.append(args[4] if len(args) > 4 else None)
+        seen.append(args[5] if len(args) > 5 else None)  # (u, τ, labels, rows_per_view, decoupled, outputs)
         return real(*args)
 
     import dataclasses

@@ -269,7 +269,7 @@ def test_interior_tiles_selective_outputs_and_negative_scale(in_batch, K):
         ref = reference.cross_similarity_rows(q.double(), k.double(), None if queue is None else queue.double(),
                                               torch.tensor(scale).double(), off, in_batch)
         for outputs in masks:
-            got = tc.cross_forward(q, k, queue, torch.tensor(scale), off, in_batch, outputs)
+            got = tc.cross_forward(q, k, queue, torch.tensor(scale), off, in_batch, False, outputs)
             assert_rel_close(got[0], ref[0], 1e-5, f"lse outputs={outputs}")
             assert_rel_close(got[1], ref[1], 1e-5, f"pos outputs={outputs}")
             if outputs & 2:

@@ -46,13 +46,14 @@ struct CrossInputs {
   double scale;
   int64_t offset;
   bool in_batch;
+  bool decoupled;
 };
 
 bool is_float_type(at::ScalarType t) {
   return t == at::kFloat || t == at::kDouble || t == at::kBFloat16 || t == at::kHalf;
 }
 
-CrossInputs prepare_cross(const at::Tensor& q, const at::Tensor& k, const c10::optional<at::Tensor>& queue,
+CrossInputs prepare_cross(bool decoupled, const at::Tensor& q, const at::Tensor& k, const c10::optional<at::Tensor>& queue,
                           const at::Tensor& scale, int64_t pos_offset, bool in_batch) {
   TORCH_CHECK(q.dim() == 2, "fastntxent: q must be 2-D (M, D), got ", q.dim(), "-D");
   TORCH_CHECK(k.dim() == 2, "fastntxent: k must be 2-D (N, D), got ", k.dim(), "-D");
@@ -69,7 +70,7 @@ CrossInputs prepare_cross(const at::Tensor& q, const at::Tensor& k, const c10::o
   TORCH_CHECK_VALUE(std::isfinite(s) && s > 0, "fastntxent: the logit scale (1/temperature for InfoNCE) must be finite and > 0, got ", s);
   const auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   CrossInputs in{q.detach().to(acc).contiguous(), k.detach().to(acc).contiguous(), at::Tensor(), s, pos_offset,
-                 in_batch};
+                 in_batch, decoupled};
   if (queue.has_value() && queue->defined()) {
     TORCH_CHECK(queue->dim() == 2 && queue->size(1) == q.size(1), "fastntxent: queue must have shape (K, ",
                 q.size(1), ")");
@@ -87,20 +88,30 @@ struct RowState {
 };
 
 // Online update of one row with the scaled logits s[0, nc); pos_col is the positive's column
-// in this tile or -1. Ties keep the earlier column (argmax's first index).
+// in this tile or -1. Ties keep the earlier column (argmax's first index). `decoupled`: the
+// positive counts for top-1 but not in the logsumexp (whose shift is the others' max).
 template <typename acc_t>
-inline void update_row(RowState<acc_t>& st, const acc_t* s, int64_t nc, int64_t pos_col) {
-  const acc_t tmax = row_ops::max_of(s, nc);
-  if (!(tmax > -std::numeric_limits<acc_t>::infinity())) return;
+inline void update_row(RowState<acc_t>& st, const acc_t* s, int64_t nc, int64_t pos_col, bool decoupled) {
+  const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
+  acc_t tmax = row_ops::max_of(s, nc);
+  if (!(tmax > neg_inf)) return;
   if (tmax > st.best) {  // a new best: its first column decides top-1
     st.best = tmax;
     const int64_t targ = std::find(s, s + nc, tmax) - s;
     st.best_is_pos = targ == pos_col;
   }
+  // the logsumexp's columns: [0, nc) or, decoupled, the two ranges around the positive
+  const int64_t cut = decoupled && pos_col >= 0 ? pos_col : nc;
+  const int64_t rest = cut < nc ? nc - cut - 1 : 0;
+  if (cut < nc) {
+    tmax = std::max(cut > 0 ? row_ops::max_of(s, cut) : neg_inf, rest > 0 ? row_ops::max_of(s + cut + 1, rest) : neg_inf);
+    if (!(tmax > neg_inf)) return;  // the positive alone in this tile
+  }
   const acc_t new_m = std::max(st.m, tmax);
   const acc_t rescale = std::exp(st.m - new_m);  // exp(-inf) = 0 on the first tile
   acc_t tl = 0, tps = 0;
-  row_ops::add_exp_sums(s, nc, new_m, tl, tps);
+  row_ops::add_exp_sums(s, cut, new_m, tl, tps);
+  if (rest > 0) row_ops::add_exp_sums(s + cut + 1, rest, new_m, tl, tps);
   st.l = st.l * rescale + tl;
   st.ps = st.ps * rescale + tps;
   st.m = new_m;
@@ -129,7 +140,8 @@ void cross_forward_impl(const CrossInputs& in, acc_t* lse, acc_t* pos, acc_t* ps
       // sweep over k reads it from its tile).
       if (!in.in_batch) {
         pos[i] = sc * dot(qp + i * D, kp + (i + in.offset) * D, D);
-        st[r] = RowState<acc_t>{pos[i], 1, pos[i], pos[i], true};
+        st[r] = in.decoupled ? RowState<acc_t>{neg_inf, 0, 0, pos[i], true}  // top-1 only
+                             : RowState<acc_t>{pos[i], 1, pos[i], pos[i], true};
       }
     }
     const auto sweep = [&](const at::Tensor& cols, bool has_pos) {
@@ -146,7 +158,7 @@ void cross_forward_impl(const CrossInputs& in, acc_t* lse, acc_t* pos, acc_t* ps
           // In-batch keys: the positive logit is the tile's own entry (the rounding of the lse
           // terms, so that lse >= pos and a single column gives a loss of exactly 0).
           if (pos_here) pos[r0 + r] = s[pc];
-          update_row(st[r], s, nc, pos_here ? pc : -1);
+          update_row(st[r], s, nc, pos_here ? pc : -1, in.decoupled);
         }
       }
     };
@@ -154,8 +166,9 @@ void cross_forward_impl(const CrossInputs& in, acc_t* lse, acc_t* pos, acc_t* ps
     if (in.queue.defined()) sweep(in.queue, false);
     for (int64_t r = 0; r < nr; ++r) {
       const int64_t i = r0 + r;
-      lse[i] = st[r].m + std::log(st[r].l);
-      ps_sum[i] = st[r].ps / st[r].l;
+      const bool any = st[r].l > 0;  // false only decoupled, without a negative
+      lse[i] = any ? st[r].m + std::log(st[r].l) : neg_inf;
+      ps_sum[i] = any ? st[r].ps / st[r].l : 0;
       top1[i] = st[r].best_is_pos ? 1 : 0;
     }
   });
@@ -178,7 +191,7 @@ void cross_backward_impl(const CrossInputs& in, const acc_t* lse, const acc_t* a
     at::parallel_for(0, M, 256, [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) {
         const acc_t s = sc * dot(qp + i * D, kp + (i + off) * D, D);
-        pos_coef[i] = (a[i] != 0 ? a[i] * std::exp(s - lse[i]) : acc_t(0)) + b[i];
+        pos_coef[i] = (a[i] != 0 && !in.decoupled ? a[i] * std::exp(s - lse[i]) : acc_t(0)) + b[i];
       }
     });
   }
@@ -199,7 +212,7 @@ void cross_backward_impl(const CrossInputs& in, const acc_t* lse, const acc_t* a
           acc_t* h = buf.data() + r * nc;
           row_ops::row_exp(h, nc, sc, a[i], lse[i]);  // a_i P_ic
           const int64_t pc = has_pos ? i + off - c0 : -1;
-          if (pc >= 0 && pc < nc) h[pc] += b[i];
+          if (pc >= 0 && pc < nc) h[pc] = (in.decoupled ? acc_t(0) : h[pc]) + b[i];
         }
         cpu::gemm_accumulate(buf.data(), nr, nc, cp + c0 * D, D, sc, g);
       }
@@ -246,7 +259,7 @@ void cross_backward_impl(const CrossInputs& in, const acc_t* lse, const acc_t* a
             acc_t* h = buf.data() + r * nj;
             row_ops::row_exp(h, nj, sc, a[i], lse[i]);  // a_i P_ij
             const int64_t pc = i + off - j0;  // query i's positive key, if in this block
-            if (pc >= 0 && pc < nj) h[pc] += b[i];
+            if (pc >= 0 && pc < nj) h[pc] = (in.decoupled ? acc_t(0) : h[pc]) + b[i];
           }
           cpu::gemm_accumulate_transposed(buf.data(), ni, nj, qp + i0 * D, D, sc, g);
         }
@@ -256,9 +269,9 @@ void cross_backward_impl(const CrossInputs& in, const acc_t* lse, const acc_t* a
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_forward_cpu(
     const at::Tensor& q, const at::Tensor& k, const c10::optional<at::Tensor>& queue, const at::Tensor& scale,
-    int64_t pos_offset, bool in_batch) {
+    int64_t pos_offset, bool in_batch, bool decoupled) {
   at::NoGradGuard no_grad;
-  const CrossInputs in = prepare_cross(q, k, queue, scale, pos_offset, in_batch);
+  const CrossInputs in = prepare_cross(decoupled, q, k, queue, scale, pos_offset, in_batch);
   const int64_t M = q.size(0);
   const auto opts = in.q.options();
   at::Tensor lse = poisoned({M}, opts), pos = poisoned({M}, opts), ps_sum = poisoned({M}, opts),
@@ -273,9 +286,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_forward_cpu(
 std::tuple<at::Tensor, at::Tensor> cross_backward_cpu(
     const at::Tensor& q, const at::Tensor& k, const c10::optional<at::Tensor>& queue, const at::Tensor& scale,
     int64_t pos_offset, bool in_batch, const at::Tensor& lse, const at::Tensor& grad_lse,
-    const at::Tensor& grad_pos, bool need_grad_k) {
+    const at::Tensor& grad_pos, bool need_grad_k, bool decoupled) {
   at::NoGradGuard no_grad;
-  const CrossInputs in = prepare_cross(q, k, queue, scale, pos_offset, in_batch);
+  const CrossInputs in = prepare_cross(decoupled, q, k, queue, scale, pos_offset, in_batch);
   const int64_t M = q.size(0);
   const auto acc = in.q.scalar_type();
   const cpu::RowInputs rows = cpu::row_inputs(lse, grad_lse, grad_pos, M, acc);

@@ -304,6 +304,28 @@ inline void add_where_label(const T* s, int64_t n, const int32_t* ids, int32_t i
   count += tc;
 }
 
+// l += Σ exp(s − m), ps += Σ exp(s − m)·s over the c of s[0, n) with ids[c] ≠ id: the
+// decoupled logsumexp, positives left out (scalar: DCL is the rarer path).
+template <typename T>
+inline void add_exp_sums_except_label(const T* s, int64_t n, const int32_t* ids, int32_t id, T m, T& l, T& ps) {
+  T tl = 0, tps = 0;
+  for (int64_t c = 0; c < n; ++c) {
+    if (ids[c] == id) continue;
+    const T e = std::exp(s[c] - m);
+    tl += e;
+    tps += e * s[c];
+  }
+  l += tl;
+  ps += tps;
+}
+
+// h[c] = 0 where ids[c] == id: a decoupled row has no softmax weight at its positives.
+template <typename T>
+inline void zero_where_label(T* h, int64_t n, const int32_t* ids, int32_t id) {
+#pragma omp simd
+  for (int64_t c = 0; c < n; ++c) h[c] = ids[c] == id ? T(0) : h[c];
+}
+
 // h[c] += bk + b[c] where ids[c] == id (the positive-indicator part of H).
 template <typename T>
 inline void add_positive_weights(T* h, int64_t n, const int32_t* ids, int32_t id, T bk, const T* b) {

@@ -41,6 +41,7 @@ struct Inputs {
   at::Tensor ids;  // (M,) contiguous int32: equal ids ⇔ equal labels (positives)
   double inv_tau;
   int64_t r0, r1;  // the rows whose statistics are computed: [0, M) or a rank's local rows
+  bool decoupled;  // positives left out of the logsumexp (DCL)
 };
 
 void check_common(const at::Tensor& u, const at::Tensor& temperature,
@@ -75,7 +76,7 @@ at::Tensor label_ids(const at::Tensor& u, const c10::optional<at::Tensor>& label
 }
 
 Inputs prepare(const at::Tensor& u, const at::Tensor& temperature, const c10::optional<at::Tensor>& labels,
-               int64_t period, int64_t r0 = 0, int64_t r1 = -1) {
+               int64_t period, bool decoupled, int64_t r0 = 0, int64_t r1 = -1) {
   check_common(u, temperature, labels, period);
   if (r1 < 0) r1 = u.size(0);
   TORCH_CHECK_VALUE(0 <= r0 && r0 <= r1 && r1 <= u.size(0), "fastntxent: local rows [", r0, ", ", r1,
@@ -83,7 +84,8 @@ Inputs prepare(const at::Tensor& u, const at::Tensor& temperature, const c10::op
   const double tau = temperature.to(at::kCPU).item<double>();
   TORCH_CHECK_VALUE(std::isfinite(tau) && tau > 0, "fastntxent: temperature must be finite and > 0, got ", tau);
   // Detached: worker threads do not inherit the grad mode, and no graph is wanted here.
-  return {u.detach().to(accumulation_type(u)).contiguous(), label_ids(u, labels, period), 1.0 / tau, r0, r1};
+  return {u.detach().to(accumulation_type(u)).contiguous(), label_ids(u, labels, period), 1.0 / tau, r0, r1,
+          decoupled};
 }
 
 // The columns [0, n) of a tile except `skip` (the diagonal; may be out of range) as at most
@@ -140,11 +142,25 @@ void forward_impl(const Inputs& in, bool symmetric, acc_t* lse, acc_t* pos_sum, 
           });
           best_is_pos[r] = ids[c0 + targ] == li;
         }
-        const acc_t new_m = std::max(m[r], tmax);
-        const acc_t scale = std::exp(m[r] - new_m);  // exp(-inf) = 0 on the first tile
+        acc_t shift = tmax;  // the largest logit the logsumexp takes
+        if (in.decoupled) {  // its negatives only: a dominant positive must not underflow them
+          shift = neg_inf;
+          for_each_range_except(nc, self, [&](int64_t c, int64_t n) {
+            for (int64_t x = c; x < c + n; ++x) {
+              if (ids[c0 + x] != li) shift = std::max(shift, s[x]);
+            }
+          });
+        }
+        const acc_t new_m = std::max(m[r], shift);
+        // exp(-inf) = 0 on the first tile; no negative yet (decoupled): nothing to rescale
+        const acc_t scale = new_m > neg_inf ? std::exp(m[r] - new_m) : acc_t(1);
         acc_t tl = 0, tps = 0, tpos = 0, tcnt = 0;
         for_each_range_except(nc, self, [&](int64_t c, int64_t n) {
-          row_ops::add_exp_sums(s + c, n, new_m, tl, tps);
+          if (in.decoupled) {
+            row_ops::add_exp_sums_except_label(s + c, n, ids + c0 + c, li, new_m, tl, tps);
+          } else {
+            row_ops::add_exp_sums(s + c, n, new_m, tl, tps);
+          }
           row_ops::add_where_label(s + c, n, ids + c0 + c, li, tpos, tcnt);
         });
         l[r] = l[r] * scale + tl;
@@ -156,7 +172,7 @@ void forward_impl(const Inputs& in, bool symmetric, acc_t* lse, acc_t* pos_sum, 
     }
     for (int64_t r = 0; r < nr; ++r) {
       const int64_t i = b0 + r;  // output index
-      const bool any = l[r] > 0;  // false only when M == 1
+      const bool any = l[r] > 0;  // false only when M == 1 (decoupled: a row without a negative)
       lse[i] = any ? m[r] + std::log(l[r]) : neg_inf;
       ps_sum[i] = any ? ps[r] / l[r] : 0;
       pos_sum[i] = psum[r];
@@ -190,6 +206,7 @@ void backward_impl(const Inputs& in, const acc_t* lse, const acc_t* a, const acc
         // H_kj = G_kj + G_jk with G_ij = a_i P_ij + b_i [j ∈ P(i)] (s is symmetric): both
         // probabilities from the two rows' lse in one pass.
         row_ops::pair_exp(h, nc, inv_tau, a[k], lse[k], a + c0, lse + c0);
+        if (in.decoupled) row_ops::zero_where_label(h, nc, ids + c0, ids[k]);  // no P at positives
         row_ops::add_positive_weights(h, nc, ids + c0, ids[k], b[k], b + c0);
         if (k >= c0 && k < c0 + nc) h[k - c0] = 0;
       }
@@ -224,6 +241,7 @@ void backward_local_impl(const Inputs& in, const acc_t* lse, const acc_t* a, con
             const int64_t o = b0 + r, i = in.r0 + o;
             acc_t* h = buf.data() + r * nc;
             row_ops::row_exp(h, nc, inv_tau, a[o], lse[o]);  // a_i P_ij
+            if (in.decoupled) row_ops::zero_where_label(h, nc, ids + c0, ids[i]);
             row_ops::add_positive_weights(h, nc, ids + c0, ids[i], b[o], no_column_weights.data());
             if (i >= c0 && i < c0 + nc) h[i - c0] = 0;
           }
@@ -253,16 +271,16 @@ Stats forward_stats(const Inputs& in, bool symmetric) {
 }
 
 Stats self_forward_cpu(const at::Tensor& u, const at::Tensor& temperature, const c10::optional<at::Tensor>& labels,
-                       int64_t period) {
+                       int64_t period, bool decoupled) {
   at::NoGradGuard no_grad;  // the kernels' tile products are not part of any graph
-  return forward_stats(prepare(u, temperature, labels, period), /*symmetric=*/true);
+  return forward_stats(prepare(u, temperature, labels, period, decoupled), /*symmetric=*/true);
 }
 
 Stats self_forward_rows_cpu(const at::Tensor& u, const at::Tensor& temperature,
                             const c10::optional<at::Tensor>& labels, int64_t period, int64_t row_start,
-                            int64_t row_stop) {
+                            int64_t row_stop, bool decoupled) {
   at::NoGradGuard no_grad;
-  return forward_stats(prepare(u, temperature, labels, period, row_start, row_stop), /*symmetric=*/false);
+  return forward_stats(prepare(u, temperature, labels, period, decoupled, row_start, row_stop), /*symmetric=*/false);
 }
 
 // Full batch (local = false: rows [0, M), the symmetric backward) or local rows.
@@ -286,17 +304,18 @@ at::Tensor backward(const Inputs& in, bool local, const at::Tensor& u, const at:
 
 at::Tensor self_backward_cpu(const at::Tensor& u, const at::Tensor& temperature,
                              const c10::optional<at::Tensor>& labels, int64_t period, const at::Tensor& lse,
-                             const at::Tensor& grad_lse, const at::Tensor& grad_pos) {
+                             const at::Tensor& grad_lse, const at::Tensor& grad_pos, bool decoupled) {
   at::NoGradGuard no_grad;
-  return backward(prepare(u, temperature, labels, period), false, u, lse, grad_lse, grad_pos);
+  return backward(prepare(u, temperature, labels, period, decoupled), false, u, lse, grad_lse, grad_pos);
 }
 
 at::Tensor self_backward_rows_cpu(const at::Tensor& u, const at::Tensor& temperature,
                                   const c10::optional<at::Tensor>& labels, int64_t period, int64_t row_start,
                                   int64_t row_stop, const at::Tensor& lse, const at::Tensor& grad_lse,
-                                  const at::Tensor& grad_pos) {
+                                  const at::Tensor& grad_pos, bool decoupled) {
   at::NoGradGuard no_grad;
-  return backward(prepare(u, temperature, labels, period, row_start, row_stop), true, u, lse, grad_lse, grad_pos);
+  return backward(prepare(u, temperature, labels, period, decoupled, row_start, row_stop), true, u, lse, grad_lse,
+                  grad_pos);
 }
 
 }  // namespace

@@ -60,9 +60,10 @@ at::Tensor poisoned(at::IntArrayRef shape, const at::Tensor& like) {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> self_forward_cuda(
     const at::Tensor& u, const at::Tensor& temperature, const c10::optional<at::Tensor>& labels,
-    int64_t period) {
+    int64_t period, bool decoupled) {
   const c10::cuda::CUDAGuard guard(u.device());
-  const Prepared p = prepare(u, temperature, labels, period);
+  Prepared p = prepare(u, temperature, labels, period);
+  p.problem.decoupled = decoupled;
   const int64_t M = u.size(0);
   at::Tensor lse = poisoned({M}, u), pos_sum = poisoned({M}, u), pos_count = poisoned({M}, u),
              ps_sum = poisoned({M}, u), top1 = poisoned({M}, u);
@@ -75,9 +76,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> self_forw
 at::Tensor self_backward_cuda(const at::Tensor& u, const at::Tensor& temperature,
                               const c10::optional<at::Tensor>& labels, int64_t period,
                               const at::Tensor& lse, const at::Tensor& grad_lse,
-                              const at::Tensor& grad_pos) {
+                              const at::Tensor& grad_pos, bool decoupled) {
   const c10::cuda::CUDAGuard guard(u.device());
-  const Prepared p = prepare(u, temperature, labels, period);
+  Prepared p = prepare(u, temperature, labels, period);
+  p.problem.decoupled = decoupled;
   const int64_t M = u.size(0);
   for (const at::Tensor* t : {&lse, &grad_lse, &grad_pos}) {
     TORCH_CHECK(t->dim() == 1 && t->size(0) == M && t->device() == u.device(),

@@ -247,7 +247,7 @@ template <typename T, bool kVecRows>
 __global__ void __launch_bounds__(kThreads, 3)
     forward_kernel(const T* __restrict__ u, int64_t M, int64_t D, int64_t ld,
                    const float* __restrict__ temperature, const int64_t* __restrict__ labels,
-                   int64_t period, float* __restrict__ lse, float* __restrict__ pos_sum,
+                   int64_t period, bool decoupled, float* __restrict__ lse, float* __restrict__ pos_sum,
                    float* __restrict__ pos_count, float* __restrict__ ps_sum, float* __restrict__ top1) {
   __shared__ __align__(128) unsigned char smem[Layout<T>::kBytes];
   const Smem sm = carve<T>(smem);
@@ -291,7 +291,20 @@ __global__ void __launch_bounds__(kThreads, 3)
       tmax = other_max;
       targ = other_arg;
     }
-    const float new_m = fmaxf(m, tmax);
+    // The largest logit the logsumexp takes: decoupled, that of the negatives only (so that a
+    // dominant positive cannot underflow their exps).
+    float lmax = tmax;
+    if (decoupled) {
+      lmax = neg_inf;
+#pragma unroll
+      for (int cc = 0; cc < kHalf; cc += 2) {
+        const longlong2 lab = lds2(sm.col_label + h * kHalf + cc);
+        if (lab.x != li) lmax = fmaxf(lmax, s[cc]);
+        if (lab.y != li) lmax = fmaxf(lmax, s[cc + 1]);
+      }
+      lmax = fmaxf(lmax, __shfl_xor_sync(kFullMask, lmax, 1));
+    }
+    const float new_m = fmaxf(m, lmax);
     const float shift = new_m == neg_inf ? 0.f : new_m;
     float tl = 0.f, tps = 0.f, tpos = 0.f, tcnt = 0.f;
 #pragma unroll
@@ -301,9 +314,11 @@ __global__ void __launch_bounds__(kThreads, 3)
 #pragma unroll
       for (int k = 0; k < 2; ++k) {
         if (s[cc + k] != neg_inf) {
-          const float e = __expf(s[cc + k] - shift);
-          tl += e;
-          tps += e * s[cc + k];
+          if (!(decoupled && pos[k])) {
+            const float e = __expf(s[cc + k] - shift);
+            tl += e;
+            tps += e * s[cc + k];
+          }
           if (pos[k]) { tpos += s[cc + k]; tcnt += 1.f; }
         }
       }
@@ -312,11 +327,11 @@ __global__ void __launch_bounds__(kThreads, 3)
     tps += __shfl_xor_sync(kFullMask, tps, 1);
     tpos += __shfl_xor_sync(kFullMask, tpos, 1);
     tcnt += __shfl_xor_sync(kFullMask, tcnt, 1);
-    if (targ >= 0) {
-      if (tmax > best) {
-        best = tmax;
-        best_pos = sm.col_label[targ] == li;
-      }
+    if (targ >= 0 && tmax > best) {
+      best = tmax;
+      best_pos = sm.col_label[targ] == li;
+    }
+    if (lmax > neg_inf) {  // (not decoupled: the same as targ >= 0)
       const float scale = m == neg_inf ? 0.f : __expf(m - new_m);
       l = l * scale + tl;
       ps = ps * scale + tps;
@@ -341,8 +356,9 @@ template <typename T, bool kVecRows>
 __global__ void __launch_bounds__(kThreads)
     backward_kernel(const T* __restrict__ u, int64_t M, int64_t D, int64_t ld,
                     const float* __restrict__ temperature, const int64_t* __restrict__ labels,
-                    int64_t period, const float* __restrict__ lse, const float* __restrict__ grad_lse,
-                    const float* __restrict__ grad_pos, float* __restrict__ grad) {
+                    int64_t period, bool decoupled, const float* __restrict__ lse,
+                    const float* __restrict__ grad_lse, const float* __restrict__ grad_pos,
+                    float* __restrict__ grad) {
   using Tr = Traits<T>;
   using L = Layout<T>;
   using Mix = typename Tr::Mix;
@@ -405,8 +421,10 @@ __global__ void __launch_bounds__(kThreads)
           float v = 0.f;
           if (c < n_cols && c != diag) {
             const float s = sv[q] * inv_tau;
-            if (ak != 0.f) v += ak * __expf(s - lk);
-            if (a_c[q] != 0.f) v += a_c[q] * __expf(s - lse_c[q]);
+            if (!(decoupled && same[q])) {  // decoupled: no softmax weight at a positive
+              if (ak != 0.f) v += ak * __expf(s - lk);
+              if (a_c[q] != 0.f) v += a_c[q] * __expf(s - lse_c[q]);
+            }
             if (same[q]) v += bk + b_c[q];
           }
           H[r * L::kHLd + c] = from_float<Mix>(v);  // fp32: in place of S, same thread, same element
@@ -513,8 +531,8 @@ cudaError_t launch_forward(const SelfProblem& p, float* lse, float* pos_sum, flo
                            float* ps_sum, float* top1, cudaStream_t stream) {
   auto* kernel = rows_vectorizable<T>(p) ? forward_kernel<T, true> : forward_kernel<T, false>;
   FASTNTXENT_LAUNCH(kernel, row_blocks(p.M), kThreads, stream,
-                    static_cast<const T*>(p.u), p.M, p.D, p.row_stride, p.temperature, p.labels, p.period, lse,
-                    pos_sum, pos_count, ps_sum, top1);
+                    static_cast<const T*>(p.u), p.M, p.D, p.row_stride, p.temperature, p.labels, p.period,
+                    p.decoupled, lse, pos_sum, pos_count, ps_sum, top1);
   return cudaGetLastError();
 }
 
@@ -523,8 +541,8 @@ cudaError_t launch_backward(const SelfProblem& p, const float* lse, const float*
                             const float* grad_pos, float* grad_u, cudaStream_t stream) {
   auto* kernel = rows_vectorizable<T>(p) ? backward_kernel<T, true> : backward_kernel<T, false>;
   FASTNTXENT_LAUNCH(kernel, row_blocks(p.M), kThreads, stream,
-                    static_cast<const T*>(p.u), p.M, p.D, p.row_stride, p.temperature, p.labels, p.period, lse,
-                    grad_lse, grad_pos, grad_u);
+                    static_cast<const T*>(p.u), p.M, p.D, p.row_stride, p.temperature, p.labels, p.period,
+                    p.decoupled, lse, grad_lse, grad_pos, grad_u);
   return cudaGetLastError();
 }
 

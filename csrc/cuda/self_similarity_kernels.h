@@ -21,10 +21,12 @@ struct SelfProblem {
   const float* temperature;   // device pointer to one float (τ > 0)
   const int64_t* labels;      // (M,) or nullptr: then label(i) = i mod period
   int64_t period;
+  bool decoupled = false;     // DCL: the positives left out of the logsumexp (and of P)
 };
 
-// Row statistics, each (M,) fp32: log Σ_{j≠i} exp(s_ij), Σ_{p∈P(i)} s_ip, |P(i)|, Σ_j P_ij s_ij,
-// and 1 if the most similar other row is a positive (first index wins ties).
+// Row statistics, each (M,) fp32: log Σ_{j≠i} exp(s_ij) (decoupled: also j ∉ P(i); −inf for a
+// row without a negative), Σ_{p∈P(i)} s_ip, |P(i)|, Σ_j P_ij s_ij, and 1 if the most similar
+// other row is a positive (first index wins ties).
 cudaError_t self_forward(const SelfProblem& p, float* lse, float* pos_sum, float* pos_count,
                          float* ps_sum, float* top1, cudaStream_t stream);
 

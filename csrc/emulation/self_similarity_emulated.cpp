@@ -18,9 +18,9 @@ using fastntxent::cuda_kernels::ElementType;
 using fastntxent::cuda_kernels::SelfProblem;
 
 SelfProblem problem(const void* u, int64_t M, int64_t D, int64_t row_stride, int type, const float* temperature,
-                    const int64_t* labels, int64_t period) {
+                    const int64_t* labels, int64_t period, int decoupled) {
   const ElementType t = type == 0 ? ElementType::kFloat32 : type == 1 ? ElementType::kFloat16 : ElementType::kBFloat16;
-  return SelfProblem{u, M, D, row_stride, t, temperature, labels, period};
+  return SelfProblem{u, M, D, row_stride, t, temperature, labels, period, decoupled != 0};
 }
 }  // namespace
 
@@ -28,19 +28,19 @@ extern "C" {
 
 // type: 0 fp32, 1 fp16, 2 bf16. Returns the cudaError_t of the launcher (0: success).
 int fastntxent_emulated_self_forward(const void* u, int64_t M, int64_t D, int64_t row_stride, int type,
-                                     const float* temperature, const int64_t* labels, int64_t period, float* lse,
-                                     float* pos_sum, float* pos_count, float* ps_sum, float* top1) {
+                                     const float* temperature, const int64_t* labels, int64_t period, int decoupled,
+                                     float* lse, float* pos_sum, float* pos_count, float* ps_sum, float* top1) {
   return static_cast<int>(fastntxent::cuda_kernels::self_forward(
-      problem(u, M, D, row_stride, type, temperature, labels, period), lse, pos_sum, pos_count, ps_sum, top1,
+      problem(u, M, D, row_stride, type, temperature, labels, period, decoupled), lse, pos_sum, pos_count, ps_sum, top1,
       nullptr));
 }
 
 int fastntxent_emulated_self_backward(const void* u, int64_t M, int64_t D, int64_t row_stride, int type,
                                       const float* temperature, const int64_t* labels, int64_t period,
-                                      const float* lse, const float* grad_lse, const float* grad_pos,
-                                      float* grad_u) {
+                                      int decoupled, const float* lse, const float* grad_lse,
+                                      const float* grad_pos, float* grad_u) {
   return static_cast<int>(fastntxent::cuda_kernels::self_backward(
-      problem(u, M, D, row_stride, type, temperature, labels, period), lse, grad_lse, grad_pos, grad_u, nullptr));
+      problem(u, M, D, row_stride, type, temperature, labels, period, decoupled), lse, grad_lse, grad_pos, grad_u, nullptr));
 }
 
 // The emulation's own float <-> fp16 / bf16 conversions (checked against torch's in the tests).

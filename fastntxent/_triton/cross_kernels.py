@@ -21,13 +21,14 @@ Every output element is written by one program: no atomics, deterministic.
 import triton
 import triton.language as tl
 
-from .tiles import (BWD_CONFIGS, FWD_CONFIGS, prune_configs, accumulate_hb, cross_tile_counts, dot_tile, load_out_tile, load_rows,
+from .tiles import (BWD_CONFIGS, FWD_CONFIGS, prune_configs, accumulate_hb, cross_tile_counts, decoupled_tile, dot_tile,
+                    load_out_tile, load_rows,
                     online_tile, out_columns, row_block, row_dot, row_weights, softmax_weight, split_range, store_grad,
                     col_tile_dot, sign_fold, tiles_cross)
 
 
 @triton.autotune(configs=FWD_CONFIGS, key=["M_KEY", "C_KEY", "D", "PREC", "IN_BATCH", "HAS_QUEUE", "SPLIT",
-                                           "NEED_TOP1", "NEED_PS"],
+                                           "NEED_TOP1", "NEED_PS", "DECOUPLED"],
                  prune_configs_by={"early_config_prune": prune_configs})
 @triton.jit
 def cross_fwd_kernel(
@@ -38,6 +39,7 @@ def cross_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     D_CHUNKS: tl.constexpr, IN_BATCH: tl.constexpr, HAS_QUEUE: tl.constexpr, SPLIT: tl.constexpr,
     CAST_F32: tl.constexpr, PREC: tl.constexpr, NEED_TOP1: tl.constexpr, NEED_PS: tl.constexpr,
+    DECOUPLED: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -66,10 +68,12 @@ def cross_fwd_kernel(
     best_pos = tl.zeros((BLOCK_M,), dtype=tl.float32)      # is that argmax the positive
     if not IN_BATCH:
         # The positive alone is column 0, ahead of the queue: split 0 starts from it.
+        # (DECOUPLED: for top-1 only, out of the logsumexp)
         first_split = pid_s == 0
-        m_i = tl.where(first_split, pos, m_i)
-        l_i = tl.where(first_split, 1.0, l_i)
-        ps_i = tl.where(first_split, pos, ps_i)
+        if not DECOUPLED:
+            m_i = tl.where(first_split, pos, m_i)
+            l_i = tl.where(first_split, 1.0, l_i)
+            ps_i = tl.where(first_split, pos, ps_i)
         best = tl.where(first_split, pos, best)
         best_pos = tl.where(first_split, 1.0, best_pos)
 
@@ -95,8 +99,12 @@ def cross_fwd_kernel(
                 valid = local[None, :] < N - c0
                 is_pos = (c0 - r0 - OFF) + local[None, :] == rloc[:, None]
                 pos += tl.sum(tl.where(is_pos, x, 0.0), 1) * sc
-                m_i, l_i, ps_i, best, best_pos = online_tile(m_i, l_i, ps_i, best, best_pos, x, x_max, sc, valid, is_pos,
-                                                                local, BLOCK_N, True, True, NEED_TOP1, NEED_PS)
+                if DECOUPLED:
+                    m_i, l_i, ps_i, best, best_pos = decoupled_tile(m_i, l_i, ps_i, best, best_pos, x * sc, valid,
+                                                                    is_pos, local, BLOCK_N, NEED_TOP1, NEED_PS)
+                else:
+                    m_i, l_i, ps_i, best, best_pos = online_tile(m_i, l_i, ps_i, best, best_pos, x, x_max, sc, valid,
+                                                                    is_pos, local, BLOCK_N, True, True, NEED_TOP1, NEED_PS)
             else:
                 m_i, l_i, ps_i, best, best_pos = online_tile(m_i, l_i, ps_i, best, best_pos, x, x_max, sc, x == x, x != x,
                                                                 local, BLOCK_N, False, False, NEED_TOP1, NEED_PS)
@@ -136,8 +144,9 @@ def cross_fwd_kernel(
             tl.store(base + 3 * stride_k, best, mask=row_ok)
             tl.store(base + 4 * stride_k, best_pos, mask=row_ok)
     else:
-        l_safe = tl.where(l_i > 0.0, l_i, 1.0)  # every row has a column; guards masked rows
-        tl.store(LSE + rows, m_i + tl.log(l_safe), mask=row_ok)
+        any_col = l_i > 0.0  # false for masked rows, and decoupled rows without a negative
+        l_safe = tl.where(any_col, l_i, 1.0)
+        tl.store(LSE + rows, tl.where(any_col, m_i + tl.log(l_safe), neg_inf), mask=row_ok)
         if NEED_PS:
             tl.store(PS_SUM + rows, ps_i / l_safe, mask=row_ok)
         if NEED_TOP1:
@@ -145,14 +154,16 @@ def cross_fwd_kernel(
 
 
 @triton.jit
-def grad_acc(acc, dots, scale, lse_r, a_r, use_r, col_ok, extra, b, H_BF16: tl.constexpr, PREC: tl.constexpr):
-    """acc += (a_r·exp(s − lse_r) + extra) · b for one tile; rows with a = 0 add no exp term.
-    s ≤ lse for every real entry; the clamp only keeps rounding from overflowing exp2."""
-    h = tl.where(col_ok[None, :] & use_r[:, None], softmax_weight(a_r[:, None], dots * scale, lse_r[:, None]), 0.0)
+def grad_acc(acc, dots, scale, lse_r, a_r, use_r, p_ok, extra, b, H_BF16: tl.constexpr, PREC: tl.constexpr):
+    """acc += (a_r·exp(s − lse_r) + extra) · b for one tile, the exp term where `p_ok` (the valid
+    columns; decoupled, not the positive); rows with a = 0 add none. s ≤ lse for every real
+    entry; the clamp only keeps rounding from overflowing exp2."""
+    h = tl.where(p_ok & use_r[:, None], softmax_weight(a_r[:, None], dots * scale, lse_r[:, None]), 0.0)
     return accumulate_hb(acc, h + extra, b, H_BF16, PREC)
 
 
-@triton.autotune(configs=BWD_CONFIGS, key=["M_KEY", "C_KEY", "D", "PREC", "IN_BATCH", "HAS_QUEUE"], prune_configs_by={"early_config_prune": prune_configs})
+@triton.autotune(configs=BWD_CONFIGS, key=["M_KEY", "C_KEY", "D", "PREC", "IN_BATCH", "HAS_QUEUE", "DECOUPLED"],
+                 prune_configs_by={"early_config_prune": prune_configs})
 @triton.jit
 def cross_bwd_q_kernel(
     Q, stride_qm, stride_qd, K, stride_km, stride_kd, QU, stride_um, stride_ud,
@@ -161,7 +172,7 @@ def cross_bwd_q_kernel(
     GK, stride_gkm,                        # ∂k when not in_batch (WRITE_GK): rows i + OFF
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr,
     D_CHUNKS: tl.constexpr, IN_BATCH: tl.constexpr, HAS_QUEUE: tl.constexpr, WRITE_GK: tl.constexpr,
-    CAST_F32: tl.constexpr, PREC: tl.constexpr, H_BF16: tl.constexpr,
+    CAST_F32: tl.constexpr, PREC: tl.constexpr, H_BF16: tl.constexpr, DECOUPLED: tl.constexpr,
 ):
     pid_s = tl.program_id(1)
     n_split = tl.num_programs(1)
@@ -184,8 +195,12 @@ def cross_bwd_q_kernel(
             dots, b = dot_tile(Q, stride_qm, stride_qd, rows, row_ok, K, stride_km, stride_kd, cols, col_ok,
                                 q, D, BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS, CAST_F32, PREC)
             b = load_out_tile(K, stride_km, stride_kd, cols, col_ok, d_out, dout_ok, b, D_CHUNKS, CAST_F32)
-            extra = tl.where(prow[:, None] == cols[None, :], b_r[:, None], 0.0)
-            acc = grad_acc(acc, dots, scale, lse_r, a_r, use_r, col_ok, extra, b, H_BF16, PREC)
+            is_pos = prow[:, None] == cols[None, :]
+            extra = tl.where(is_pos, b_r[:, None], 0.0)
+            p_ok = col_ok[None, :]
+            if DECOUPLED:
+                p_ok = p_ok & (is_pos == 0)
+            acc = grad_acc(acc, dots, scale, lse_r, a_r, use_r, p_ok, extra, b, H_BF16, PREC)
     if HAS_QUEUE:
         for t in range(tl.maximum(t_start, n_kt), t_stop):
             cols = (t - n_kt) * BLOCK_N + local
@@ -193,7 +208,7 @@ def cross_bwd_q_kernel(
             dots, b = dot_tile(Q, stride_qm, stride_qd, rows, row_ok, QU, stride_um, stride_ud, cols, col_ok,
                                 q, D, BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS, CAST_F32, PREC)
             b = load_out_tile(QU, stride_um, stride_ud, cols, col_ok, d_out, dout_ok, b, D_CHUNKS, CAST_F32)
-            acc = grad_acc(acc, dots, scale, lse_r, a_r, use_r, col_ok, 0.0, b, H_BF16, PREC)
+            acc = grad_acc(acc, dots, scale, lse_r, a_r, use_r, col_ok[None, :], 0.0, b, H_BF16, PREC)
 
     if not IN_BATCH:
         # The positive column, row by row (split 0): G_i,pos = a_i P_i,pos + b_i on k_{i+off};
@@ -201,7 +216,10 @@ def cross_bwd_q_kernel(
         first_split = pid_s == 0
         s_pos = scale * row_dot(Q, stride_qm, stride_qd, rows, K, stride_km, stride_kd, prow, row_ok, D,
                                  BLOCK_M, BLOCK_D, D_CHUNKS)
-        coef = tl.where(use_r, softmax_weight(a_r, s_pos, lse_r), 0.0) + b_r
+        if DECOUPLED:  # the positive is not in the softmax
+            coef = b_r
+        else:
+            coef = tl.where(use_r, softmax_weight(a_r, s_pos, lse_r), 0.0) + b_r
         coef = tl.where(first_split & row_ok, coef, 0.0)
         out_ok = row_ok[:, None] & dout_ok[None, :]
         kp = tl.load(K + prow[:, None] * stride_km + d_out[None, :] * stride_kd, mask=out_ok, other=0.0)
@@ -215,7 +233,8 @@ def cross_bwd_q_kernel(
     store_grad(G, pid_s, stride_gs, rows, stride_gm, d_out, row_ok, dout_ok, acc * scale)
 
 
-@triton.autotune(configs=BWD_CONFIGS, key=["M_KEY", "C_KEY", "D", "PREC"], prune_configs_by={"early_config_prune": prune_configs})
+@triton.autotune(configs=BWD_CONFIGS, key=["M_KEY", "C_KEY", "D", "PREC", "DECOUPLED"],
+                 prune_configs_by={"early_config_prune": prune_configs})
 @triton.jit
 def cross_bwd_k_kernel(
     K, stride_km, stride_kd, Q, stride_qm, stride_qd,
@@ -223,6 +242,7 @@ def cross_bwd_k_kernel(
     G, stride_gs, stride_gm,               # ∂k: G[split, key row, d]
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr,
     D_CHUNKS: tl.constexpr, CAST_F32: tl.constexpr, PREC: tl.constexpr, H_BF16: tl.constexpr,
+    DECOUPLED: tl.constexpr,
 ):
     """In-batch keys: rows are keys j, columns the queries i (the transposed tiles)."""
     pid_s = tl.program_id(1)
@@ -244,8 +264,12 @@ def cross_bwd_k_kernel(
                             kr, D, BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS, CAST_F32, PREC)
         b = load_out_tile(Q, stride_qm, stride_qd, cols, col_ok, d_out, dout_ok, b, D_CHUNKS, CAST_F32)
         a_c, b_c, lse_c, use_c = row_weights(GA, GB, LSE, cols, col_ok)
-        h = tl.where(col_ok[None, :] & use_c[None, :], softmax_weight(a_c[None, :], dots * scale, lse_c[None, :]), 0.0)
-        h += tl.where(col_ok[None, :] & (cols[None, :] + OFF == rows[:, None]), b_c[None, :], 0.0)
+        is_pos = cols[None, :] + OFF == rows[:, None]
+        p_ok = col_ok[None, :] & use_c[None, :]
+        if DECOUPLED:
+            p_ok = p_ok & (is_pos == 0)
+        h = tl.where(p_ok, softmax_weight(a_c[None, :], dots * scale, lse_c[None, :]), 0.0)
+        h += tl.where(col_ok[None, :] & is_pos, b_c[None, :], 0.0)
         acc = accumulate_hb(acc, h, b, H_BF16, PREC)
 
     store_grad(G, pid_s, stride_gs, rows, stride_gm, d_out, row_ok, dout_ok, acc * scale)

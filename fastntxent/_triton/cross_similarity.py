@@ -1,9 +1,10 @@
 """Triton operators of the cross-similarity family (MoCo InfoNCE, CLIP; docs/maths.md).
 
-    fastntxent::cross_forward_triton(q, k, queue, scale, pos_offset, keys_are_negatives, outputs=3)
+    fastntxent::cross_forward_triton(q, k, queue, scale, pos_offset, keys_are_negatives, decoupled=False,
+                                     outputs=3)
         -> (lse, pos, expected_logit, top1)                          each (M,) float32
     fastntxent::cross_backward_triton(q, k, queue, scale, pos_offset, keys_are_negatives,
-                                      lse, grad_lse, grad_pos, need_grad_k)
+                                      lse, grad_lse, grad_pos, need_grad_k, decoupled=False)
         -> (grad_q, grad_k)                                  in q's / k's dtype
 
 Same schema and meaning as the C++ operators (csrc/ops.cpp), plus the Triton-only `outputs`
@@ -80,7 +81,7 @@ def _strides(x: Optional[torch.Tensor], dummy: torch.Tensor):
 @torch.library.custom_op("fastntxent::cross_forward_triton", mutates_args=())
 def _cross_forward_triton(
     q: torch.Tensor, k: torch.Tensor, queue: Optional[torch.Tensor], scale: torch.Tensor,
-    pos_offset: int, keys_are_negatives: bool, outputs: int = 3,
+    pos_offset: int, keys_are_negatives: bool, decoupled: bool = False, outputs: int = 3,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     _check(q, k, queue, scale, pos_offset)
     q, k, queue, sc = _prepare(q, k, queue, scale)
@@ -104,7 +105,7 @@ def _cross_forward_triton(
             *outs, work,
             BLOCK_D=flags.block_d, D_CHUNKS=flags.d_chunks, IN_BATCH=bool(keys_are_negatives),
             HAS_QUEUE=queue is not None, SPLIT=splits > 1, CAST_F32=flags.cast_f32, PREC=flags.prec,
-            **common.output_flags(outputs),
+            DECOUPLED=decoupled, **common.output_flags(outputs),
         )
     if splits == 1:
         return tuple(outs)
@@ -120,7 +121,7 @@ def _cross_forward_triton(
 def _cross_backward_triton(
     q: torch.Tensor, k: torch.Tensor, queue: Optional[torch.Tensor], scale: torch.Tensor,
     pos_offset: int, keys_are_negatives: bool, lse: torch.Tensor, grad_lse: torch.Tensor,
-    grad_pos: torch.Tensor, need_grad_k: bool,
+    grad_pos: torch.Tensor, need_grad_k: bool, decoupled: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     _check(q, k, queue, scale, pos_offset)
     q, k, queue, sc = _prepare(q, k, queue, scale)
@@ -135,7 +136,7 @@ def _cross_backward_triton(
     on_cpu = q.device.type == "cpu"  # the interpreter: fp32 buffers (its bf16/fp16 stores are not trusted)
 
     kernel_flags = dict(BLOCK_D=flags.block_d, BLOCK_DO=flags.block_do, D_CHUNKS=flags.d_chunks,
-                        CAST_F32=flags.cast_f32, PREC=flags.prec, H_BF16=flags.h_bf16)
+                        CAST_F32=flags.cast_f32, PREC=flags.prec, H_BF16=flags.h_bf16, DECOUPLED=decoupled)
     d_grid = triton.cdiv(D, flags.block_do)
     # ∂q (and ∂k of the positives without in-batch keys).
     n_cols = (N if keys_are_negatives else 0) + NQ

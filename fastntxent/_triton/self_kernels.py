@@ -11,14 +11,16 @@ with several each writes its partial state to W (7, splits, M), merged on the ho
 
 Backward (`self_bwd_kernel`): one program per (row block, column split, output D chunk); it
 recomputes each tile of s, builds H_kj = a_k e^{s−lse_k} + a_j e^{s−lse_j} + (b_k + b_j)[y_j = y_k]
-(j ≠ k; a term whose weight a is 0 is skipped, so lse = −inf never makes a NaN) and
+(j ≠ k; a term whose weight a is 0 is skipped, so lse = −inf never makes a NaN; DECOUPLED: no
+softmax terms at positives, whose logsumexp left them out) and
 accumulates grad_R += H · u_C in fp32 registers, times 1/τ, stored once: every output
 element is written by exactly one program (no atomics, deterministic).
 """
 import triton
 import triton.language as tl
 
-from .tiles import (BWD_CONFIGS, FWD_CONFIGS, prune_configs, accumulate_hb, dot_tile, labels_of, load_out_tile, load_rows, online_tile,
+from .tiles import (BWD_CONFIGS, FWD_CONFIGS, prune_configs, accumulate_hb, decoupled_tile, dot_tile, labels_of, load_out_tile,
+                    load_rows, online_tile,
                     out_columns, row_block, row_weights, softmax_weight, split_range, store_grad,
                     col_tile_dot, next_phase, periodic_phase, sign_fold, tiles_cross)
 
@@ -32,7 +34,8 @@ def sim_tile(U, stride_um, stride_ud, rows, row_ok, cols, col_ok, q, D,
                      BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS, CAST_F32, PREC)
 
 
-@triton.autotune(configs=FWD_CONFIGS, key=["M_KEY", "D", "PREC", "HAS_LABELS", "SPLIT", "NEED_TOP1", "NEED_PS"],
+@triton.autotune(configs=FWD_CONFIGS, key=["M_KEY", "D", "PREC", "HAS_LABELS", "SPLIT", "NEED_TOP1", "NEED_PS",
+                                           "DECOUPLED"],
                  prune_configs_by={"early_config_prune": prune_configs})
 @triton.jit
 def self_fwd_kernel(
@@ -42,6 +45,7 @@ def self_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     D_CHUNKS: tl.constexpr, HAS_LABELS: tl.constexpr, SPLIT: tl.constexpr,
     CAST_F32: tl.constexpr, PREC: tl.constexpr, NEED_TOP1: tl.constexpr, NEED_PS: tl.constexpr,
+    DECOUPLED: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -96,7 +100,15 @@ def self_fwd_kernel(
         else:
             special = (c0 + BLOCK_N > M) | every_tile | (phase <= span)
             phase = next_phase(phase, period, BLOCK_N)
-        if special:
+        if DECOUPLED:  # (DCL) every tile masked: the positives leave the logsumexp
+            valid = (local[None, :] < M - c0) & ((c0 - r0) + local[None, :] != rloc[:, None])
+            lab_c = labels_of(LAB, cols, col_ok, period, -2, HAS_LABELS)
+            pos = valid & (lab_r[:, None] == lab_c[None, :])
+            m_i, l_i, ps_i, best, best_pos = decoupled_tile(m_i, l_i, ps_i, best, best_pos, x * sc, valid, pos, local,
+                                                            BLOCK_N, NEED_TOP1, NEED_PS)
+            pos_i += tl.sum(tl.where(pos, x, 0.0), 1) * sc
+            cnt_i += tl.sum(pos.to(tl.float32), 1)
+        elif special:
             valid = (local[None, :] < M - c0) & ((c0 - r0) + local[None, :] != rloc[:, None])  # c < M, c ≠ r
             lab_c = labels_of(LAB, cols, col_ok, period, -2, HAS_LABELS)  # (implicit: c mod period, per column)
             pos = valid & (lab_r[:, None] == lab_c[None, :])
@@ -140,14 +152,15 @@ def self_fwd_kernel(
             tl.store(TOP1 + rows, best_pos, mask=row_ok)
 
 
-@triton.autotune(configs=BWD_CONFIGS, key=["M_KEY", "D", "PREC", "HAS_LABELS"], prune_configs_by={"early_config_prune": prune_configs})
+@triton.autotune(configs=BWD_CONFIGS, key=["M_KEY", "D", "PREC", "HAS_LABELS", "DECOUPLED"],
+                 prune_configs_by={"early_config_prune": prune_configs})
 @triton.jit
 def self_bwd_kernel(
     U, stride_um, stride_ud, TAU, LAB, LSE, GA, GB, M, D, period, M_KEY,
     G, stride_gs, stride_gm,               # output: G[split, row, d] (stride_gs = 0: one split)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DO: tl.constexpr, D_CHUNKS: tl.constexpr, HAS_LABELS: tl.constexpr,
-    CAST_F32: tl.constexpr, PREC: tl.constexpr, H_BF16: tl.constexpr,
+    CAST_F32: tl.constexpr, PREC: tl.constexpr, H_BF16: tl.constexpr, DECOUPLED: tl.constexpr,
 ):
     pid_s = tl.program_id(1)
     n_split = tl.num_programs(1)
@@ -174,10 +187,15 @@ def self_bwd_kernel(
         a_c, b_c, lse_c, use_c = row_weights(GA, GB, LSE, cols, col_ok)
         valid = col_ok[None, :] & (rows[:, None] != cols[None, :])
 
-        # H_kj = a_k P_kj + a_j P_jk + (b_k + b_j)[same label], j ≠ k.
-        h = tl.where(valid & use_r[:, None], softmax_weight(a_r[:, None], s, lse_r[:, None]), 0.0)
-        h += tl.where(valid & use_c[None, :], softmax_weight(a_c[None, :], s, lse_c[None, :]), 0.0)
-        h += tl.where(valid & (lab_r[:, None] == lab_c[None, :]), b_r[:, None] + b_c[None, :], 0.0)
+        # H_kj = a_k P_kj + a_j P_jk + (b_k + b_j)[same label], j ≠ k (DCL: no P at positives).
+        same = valid & (lab_r[:, None] == lab_c[None, :])
+        if DECOUPLED:
+            p_ok = valid & (same == 0)
+        else:
+            p_ok = valid
+        h = tl.where(p_ok & use_r[:, None], softmax_weight(a_r[:, None], s, lse_r[:, None]), 0.0)
+        h += tl.where(p_ok & use_c[None, :], softmax_weight(a_c[None, :], s, lse_c[None, :]), 0.0)
+        h += tl.where(same, b_r[:, None] + b_c[None, :], 0.0)
         acc = accumulate_hb(acc, h, k, H_BF16, PREC)
 
     store_grad(G, pid_s, stride_gs, rows, stride_gm, d_out, row_ok, dout_ok, acc * inv_tau)

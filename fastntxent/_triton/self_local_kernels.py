@@ -20,12 +20,12 @@ The launcher adds the row side into the local rows of the column side.
 import triton
 import triton.language as tl
 
-from .tiles import (BWD_CONFIGS, FWD_CONFIGS, accumulate_hb, dot_tile, labels_of, load_out_tile, load_rows,
+from .tiles import (BWD_CONFIGS, FWD_CONFIGS, accumulate_hb, decoupled_tile, dot_tile, labels_of, load_out_tile, load_rows,
                     online_update, out_columns, prune_configs, row_block, row_weights, softmax_weight, split_range,
                     store_grad)
 
 
-@triton.autotune(configs=FWD_CONFIGS, key=["M_KEY", "D", "PREC", "HAS_LABELS", "SPLIT"],
+@triton.autotune(configs=FWD_CONFIGS, key=["M_KEY", "D", "PREC", "HAS_LABELS", "SPLIT", "DECOUPLED"],
                  prune_configs_by={"early_config_prune": prune_configs})
 @triton.jit
 def self_fwd_rows_kernel(
@@ -34,7 +34,7 @@ def self_fwd_rows_kernel(
     W,                                     # (7, splits, ROWS) partial states (several splits)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     D_CHUNKS: tl.constexpr, HAS_LABELS: tl.constexpr, SPLIT: tl.constexpr,
-    CAST_F32: tl.constexpr, PREC: tl.constexpr,
+    CAST_F32: tl.constexpr, PREC: tl.constexpr, DECOUPLED: tl.constexpr,
 ):
     pid_s = tl.program_id(1)
     n_split = tl.num_programs(1)
@@ -66,8 +66,12 @@ def self_fwd_rows_kernel(
         valid = col_ok[None, :] & (rows[:, None] != cols[None, :])
         lab_c = labels_of(LAB, cols, col_ok, period, -2, HAS_LABELS)
         pos = valid & (lab_r[:, None] == lab_c[None, :])
-        m_i, l_i, ps_i, best, best_pos = online_update(m_i, l_i, ps_i, best, best_pos, s, valid, pos,
-                                                        offs_n, BLOCK_N)
+        if DECOUPLED:
+            m_i, l_i, ps_i, best, best_pos = decoupled_tile(m_i, l_i, ps_i, best, best_pos, s, valid, pos, offs_n,
+                                                            BLOCK_N, True, True)
+        else:
+            m_i, l_i, ps_i, best, best_pos = online_update(m_i, l_i, ps_i, best, best_pos, s, valid, pos,
+                                                            offs_n, BLOCK_N)
         pos_i += tl.sum(tl.where(pos, s, 0.0), 1)
         cnt_i += tl.sum(pos.to(tl.float32), 1)
 
@@ -92,14 +96,18 @@ def self_fwd_rows_kernel(
 
 
 @triton.jit
-def local_weights(s, valid, same, a, b, lse, use):
+def local_weights(s, valid, same, a, b, lse, use, DECOUPLED: tl.constexpr):
     """G = a·e^{s − lse} + b·[same label] where `valid` (a, b, lse, use broadcast to s's shape;
-    `use` = a ≠ 0, so that lse = −inf of a weightless row never makes a NaN)."""
-    g = tl.where(valid & use, softmax_weight(a, s, lse), 0.0)
+    `use` = a ≠ 0, so that lse = −inf of a weightless row never makes a NaN; DECOUPLED: no
+    softmax term at a positive)."""
+    p_ok = valid & use
+    if DECOUPLED:
+        p_ok = p_ok & (same == 0)
+    g = tl.where(p_ok, softmax_weight(a, s, lse), 0.0)
     return g + tl.where(valid & same, b, 0.0)
 
 
-@triton.autotune(configs=BWD_CONFIGS, key=["M_KEY", "D", "PREC", "HAS_LABELS"],
+@triton.autotune(configs=BWD_CONFIGS, key=["M_KEY", "D", "PREC", "HAS_LABELS", "DECOUPLED"],
                  prune_configs_by={"early_config_prune": prune_configs})
 @triton.jit
 def self_bwd_row_side_kernel(
@@ -107,7 +115,7 @@ def self_bwd_row_side_kernel(
     G, stride_gs, stride_gm,               # output: G[split, local row, d] (stride_gs = 0: one split)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DO: tl.constexpr, D_CHUNKS: tl.constexpr, HAS_LABELS: tl.constexpr,
-    CAST_F32: tl.constexpr, PREC: tl.constexpr, H_BF16: tl.constexpr,
+    CAST_F32: tl.constexpr, PREC: tl.constexpr, H_BF16: tl.constexpr, DECOUPLED: tl.constexpr,
 ):
     pid_s = tl.program_id(1)
     n_split = tl.num_programs(1)
@@ -133,13 +141,13 @@ def self_bwd_row_side_kernel(
         lab_c = labels_of(LAB, cols, col_ok, period, -2, HAS_LABELS)
         valid = col_ok[None, :] & (rows[:, None] != cols[None, :])
         h = local_weights(s, valid, lab_r[:, None] == lab_c[None, :], a_r[:, None], b_r[:, None], lse_r[:, None],
-                          use_r[:, None])
+                          use_r[:, None], DECOUPLED)
         acc = accumulate_hb(acc, h, k, H_BF16, PREC)
 
     store_grad(G, pid_s, stride_gs, local, stride_gm, d_out, row_ok, dout_ok, acc * inv_tau)
 
 
-@triton.autotune(configs=BWD_CONFIGS, key=["M_KEY", "D", "PREC", "HAS_LABELS"],
+@triton.autotune(configs=BWD_CONFIGS, key=["M_KEY", "D", "PREC", "HAS_LABELS", "DECOUPLED"],
                  prune_configs_by={"early_config_prune": prune_configs})
 @triton.jit
 def self_bwd_col_side_kernel(
@@ -147,7 +155,7 @@ def self_bwd_col_side_kernel(
     G, stride_gm,                          # output: G[global row, d]
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DO: tl.constexpr, D_CHUNKS: tl.constexpr, HAS_LABELS: tl.constexpr,
-    CAST_F32: tl.constexpr, PREC: tl.constexpr, H_BF16: tl.constexpr,
+    CAST_F32: tl.constexpr, PREC: tl.constexpr, H_BF16: tl.constexpr, DECOUPLED: tl.constexpr,
 ):
     # This program's BLOCK_M global rows are the columns j of G; it sweeps the local rows i.
     cols, col_ok = row_block(tl.program_id(0), M, BLOCK_M)
@@ -170,7 +178,7 @@ def self_bwd_col_side_kernel(
         a_r, b_r, lse_r, use_r = row_weights(GA, GB, LSE, local, local_ok)
         valid = local_ok[None, :] & (cols[:, None] != rows[None, :])
         h = local_weights(s, valid, lab_c[:, None] == lab_r[None, :], a_r[None, :], b_r[None, :], lse_r[None, :],
-                          use_r[None, :])                    # h[j, i] = G_ij
+                          use_r[None, :], DECOUPLED)         # h[j, i] = G_ij
         acc = accumulate_hb(acc, h, k, H_BF16, PREC)
 
     store_grad(G, tl.program_id(0), 0, cols, stride_gm, d_out, col_ok, dout_ok, acc * inv_tau)  # no split stride

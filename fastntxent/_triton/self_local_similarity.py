@@ -1,9 +1,10 @@
 """Triton operators of the self family's local-rows form (docs/distributed.md).
 
-    fastntxent::self_forward_rows_triton(u, temperature, labels, rows_per_view, row_start, row_stop)
+    fastntxent::self_forward_rows_triton(u, temperature, labels, rows_per_view, row_start, row_stop,
+                                         decoupled=False)
         -> (lse, pos_sum, pos_count, expected_logit, top1)      each (row_stop − row_start,) float32
     fastntxent::self_backward_rows_triton(u, temperature, labels, rows_per_view, row_start, row_stop,
-                                          lse, grad_lse, grad_pos) -> grad_u   (M, D) in u's dtype
+                                          lse, grad_lse, grad_pos, decoupled=False) -> grad_u   (M, D) in u's dtype
 
 Same schema and meaning as the C++ operators (csrc/ops.cpp, csrc/cpu/self_similarity.cpp); the
 kernels are in self_local_kernels.py. This file checks, poisons the outputs, picks the kernel
@@ -35,7 +36,7 @@ def _check_rows(u: torch.Tensor, row_start: int, row_stop: int) -> None:
 @torch.library.custom_op("fastntxent::self_forward_rows_triton", mutates_args=())
 def _self_forward_rows_triton(
     u: torch.Tensor, temperature: torch.Tensor, labels: Optional[torch.Tensor], rows_per_view: int,
-    row_start: int, row_stop: int,
+    row_start: int, row_stop: int, decoupled: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     _check(u, temperature, labels, rows_per_view)
     _check_rows(u, row_start, row_stop)
@@ -56,7 +57,7 @@ def _self_forward_rows_triton(
             u, u.stride(0), u.stride(1), tau, lab if lab is not None else dummy, M, D, rows_per_view, row_start, rows,
             common.m_key(M), *outs, work,
             BLOCK_D=flags.block_d, D_CHUNKS=flags.d_chunks, HAS_LABELS=lab is not None, SPLIT=splits > 1,
-            CAST_F32=flags.cast_f32, PREC=flags.prec,
+            CAST_F32=flags.cast_f32, PREC=flags.prec, DECOUPLED=decoupled,
         )
     if splits == 1:
         return tuple(outs)
@@ -72,6 +73,7 @@ def _self_forward_rows_triton(
 def _self_backward_rows_triton(
     u: torch.Tensor, temperature: torch.Tensor, labels: Optional[torch.Tensor], rows_per_view: int,
     row_start: int, row_stop: int, lse: torch.Tensor, grad_lse: torch.Tensor, grad_pos: torch.Tensor,
+    decoupled: bool = False,
 ) -> torch.Tensor:
     _check(u, temperature, labels, rows_per_view)
     _check_rows(u, row_start, row_stop)
@@ -92,7 +94,7 @@ def _self_backward_rows_triton(
     row_grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), splits, d_grid)  # noqa: E731
     col_grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), d_grid)  # noqa: E731
     meta = dict(BLOCK_D=flags.block_d, BLOCK_DO=flags.block_do, D_CHUNKS=flags.d_chunks, HAS_LABELS=lab is not None,
-                CAST_F32=flags.cast_f32, PREC=flags.prec, H_BF16=flags.h_bf16)
+                CAST_F32=flags.cast_f32, PREC=flags.prec, H_BF16=flags.h_bf16, DECOUPLED=decoupled)
     with common.device_guard(u.device):
         self_bwd_row_side_kernel[row_grid](
             u, u.stride(0), u.stride(1), tau, lab_arg, lse, a, b, M, D, rows_per_view, row_start, rows,

@@ -1,8 +1,9 @@
 """Triton operators of the self-similarity family (NT-Xent, multi-view, SupCon; docs/maths.md).
 
-    fastntxent::self_forward_triton(u, temperature, labels, rows_per_view, outputs=3)
+    fastntxent::self_forward_triton(u, temperature, labels, rows_per_view, decoupled=False, outputs=3)
         -> (lse, pos_sum, pos_count, expected_logit, top1)          each (M,) float32
-    fastntxent::self_backward_triton(u, temperature, labels, rows_per_view, lse, grad_lse, grad_pos)
+    fastntxent::self_backward_triton(u, temperature, labels, rows_per_view, lse, grad_lse, grad_pos,
+                                     decoupled=False)
         -> grad_u                                            (M, D) in u's dtype
 
 Same schema and meaning as the C++ operators (csrc/ops.cpp), plus the Triton-only `outputs`
@@ -66,7 +67,7 @@ def _splits(u: torch.Tensor) -> int:
 @torch.library.custom_op("fastntxent::self_forward_triton", mutates_args=())
 def _self_forward_triton(
     u: torch.Tensor, temperature: torch.Tensor, labels: Optional[torch.Tensor], rows_per_view: int,
-    outputs: int = 3,
+    decoupled: bool = False, outputs: int = 3,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     _check(u, temperature, labels, rows_per_view)
     u, tau, lab = _prepare(u, temperature, labels)
@@ -85,7 +86,7 @@ def _self_forward_triton(
             u, u.stride(0), u.stride(1), tau, lab if lab is not None else dummy, M, D, rows_per_view,
             common.m_key(M), *outs, work,
             BLOCK_D=flags.block_d, D_CHUNKS=flags.d_chunks, HAS_LABELS=lab is not None, SPLIT=splits > 1,
-            CAST_F32=flags.cast_f32, PREC=flags.prec, **common.output_flags(outputs),
+            CAST_F32=flags.cast_f32, PREC=flags.prec, DECOUPLED=decoupled, **common.output_flags(outputs),
         )
     if splits == 1:
         return tuple(outs)
@@ -100,7 +101,7 @@ def _self_forward_triton(
 @torch.library.custom_op("fastntxent::self_backward_triton", mutates_args=())
 def _self_backward_triton(
     u: torch.Tensor, temperature: torch.Tensor, labels: Optional[torch.Tensor], rows_per_view: int,
-    lse: torch.Tensor, grad_lse: torch.Tensor, grad_pos: torch.Tensor,
+    lse: torch.Tensor, grad_lse: torch.Tensor, grad_pos: torch.Tensor, decoupled: bool = False,
 ) -> torch.Tensor:
     _check(u, temperature, labels, rows_per_view)
     u, tau, lab = _prepare(u, temperature, labels)
@@ -118,7 +119,7 @@ def _self_backward_triton(
             u, u.stride(0), u.stride(1), tau, lab if lab is not None else a, lse, a, b, M, D, rows_per_view,
             common.m_key(M), out, stride_s, D,
             BLOCK_D=flags.block_d, BLOCK_DO=flags.block_do, D_CHUNKS=flags.d_chunks, HAS_LABELS=lab is not None,
-            CAST_F32=flags.cast_f32, PREC=flags.prec, H_BF16=flags.h_bf16,
+            CAST_F32=flags.cast_f32, PREC=flags.prec, H_BF16=flags.h_bf16, DECOUPLED=decoupled,
         )
     return common.finish_grad(out, u.dtype)
 

@@ -263,18 +263,10 @@ def online_tile(m_i, l_i, ps_i, best, best_pos, x, x_max, sc, valid, is_pos, loc
         t_max_x = x_max
         t_max = t_max_x * sc
     if NEED_TOP1:
-        if HAS_POS:
-            if MASKED:
-                hit = s_m == t_max[:, None]
-            else:
-                hit = x == t_max_x[:, None]
-            first = tl.min(tl.where(hit, local[None, :], BLOCK_N), 1)
-            t_pos = tl.max(tl.where(is_pos & (local[None, :] == first[:, None]), 1.0, 0.0), 1)
+        if MASKED:
+            best, best_pos = top1_update(best, best_pos, s_m, t_max, t_max, is_pos, local, BLOCK_N, HAS_POS)
         else:
-            t_pos = tl.zeros_like(best_pos)
-        better = t_max > best
-        best_pos = tl.where(better, t_pos, best_pos)
-        best = tl.where(better, t_max, best)
+            best, best_pos = top1_update(best, best_pos, x, t_max_x, t_max, is_pos, local, BLOCK_N, HAS_POS)
     m_new = tl.maximum(m_i, t_max)
     log2e = 1.4426950408889634
     if MASKED:
@@ -291,6 +283,34 @@ def online_tile(m_i, l_i, ps_i, best, best_pos, x, x_max, sc, valid, is_pos, loc
         else:
             ps_i = ps_i * alpha + tl.sum(p * x, 1) * sc
     return m_new, l_i, ps_i, best, best_pos
+
+
+@triton.jit
+def top1_update(best, best_pos, v, v_max, t_max, is_pos, local, BLOCK_N: tl.constexpr, HAS_POS: tl.constexpr):
+    """Top-1 of one tile into the running (best, best_pos): `v` the tile's values in any
+    order-preserving form, `v_max` their row max, `t_max` that max as a logit; the first column
+    reaching it decides (argmax's first index), and a later tile must beat `best` strictly."""
+    if HAS_POS:
+        first = tl.min(tl.where(v == v_max[:, None], local[None, :], BLOCK_N), 1)
+        t_pos = tl.max(tl.where(is_pos & (local[None, :] == first[:, None]), 1.0, 0.0), 1)
+    else:
+        t_pos = tl.zeros_like(best_pos)
+    better = t_max > best
+    return tl.where(better, t_max, best), tl.where(better, t_pos, best_pos)
+
+
+@triton.jit
+def decoupled_tile(m_i, l_i, ps_i, best, best_pos, s, valid, is_pos, local, BLOCK_N: tl.constexpr,
+                   NEED_TOP1: tl.constexpr, NEED_PS: tl.constexpr):
+    """`online_tile` of decoupled rows (DCL) for logits s (natural units): top-1 over every
+    `valid` entry, the logsumexp over the valid non-positives only (a row without a negative
+    keeps m = −inf, l = 0: lse = −inf)."""
+    if NEED_TOP1:
+        s_all = tl.where(valid, s, float("-inf"))
+        t_max = tl.max(s_all, 1)
+        best, best_pos = top1_update(best, best_pos, s_all, t_max, t_max, is_pos, local, BLOCK_N, True)
+    return online_tile(m_i, l_i, ps_i, best, best_pos, s, s, 1.0, valid & (is_pos == 0), is_pos, local, BLOCK_N,
+                       True, True, False, NEED_PS)
 
 
 @triton.jit

@@ -1,7 +1,9 @@
 """lightly's `NTXentLoss` (lightly/loss/ntx_ent_loss.py) and its memory bank, computed by
-`fastntxent.nt_xent` (in-batch negatives) and `fastntxent.info_nce` (memory-bank negatives).
+`fastntxent.nt_xent` (in-batch negatives) and `fastntxent.info_nce` (memory-bank negatives), and
+its `DCLLoss` / `DCLWLoss` (lightly/loss/dcl_loss.py), computed by `nt_xent(..., decoupled=True)`.
 
     from lightly.loss import NTXentLoss           ->  from fastntxent.compat.lightly import NTXentLoss
+    from lightly.loss import DCLLoss, DCLWLoss    ->  from fastntxent.compat.lightly import DCLLoss, DCLWLoss
 
 Maths, as lightly: rows normalised by `torch.nn.functional.normalize` (eps 1e-12, as lightly),
 then fused with `normalize=False`.
@@ -21,13 +23,24 @@ then fused with `normalize=False`.
   lightly's; the gradient sums over ranks, as lightly's GatherLayer does); with a bank, the
   bank is written with every rank's out1. Outside a process group (or with one rank) it is
   the single-process loss, as in lightly.
+DCLLoss(temperature=0.1, weight_fn=None, gather_distributed=False): lightly's symmetric
+decoupled loss, ½ (loss(out0 → out1) + loss(out1 → out0)), each the mean over its N rows of
+−w_i·s_i/τ + log Σ_{negatives} e^{s/τ} (negatives: every other row of both views but the
+positive) — the fused decoupled NT-Xent over the 2N rows, plus the weights' share
+Σ_i (2 − w0_i − w1_i)·s_i/τ / 2N computed from the N positive cosines (O(N·D)), w0 =
+weight_fn(out0, out1), w1 = weight_fn(out1, out0). DCLWLoss(temperature=0.1, sigma=0.5,
+gather_distributed=False): weight_fn = lightly's negative von Mises-Fisher weights
+2 − N·softmax(out0·out1/σ) (no gradient, as lightly's). With gather_distributed in a process
+group of more than one rank, the local rows against all ranks' rows, the weights local, as
+lightly's.
 Differences left: the temperature must be > 0 (lightly also takes τ <= −1e-8, a negative
 temperature: NotImplementedError here); a bank whose dtype differs from the features' is
 accepted (lightly's einsum would raise).
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple, Union
+from functools import partial
+from typing import Callable, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -37,7 +50,7 @@ from .. import distributed as _dist
 from ..cross_family import info_nce
 from ..self_family import nt_xent
 
-__all__ = ["NTXentLoss", "MemoryBankModule"]
+__all__ = ["NTXentLoss", "MemoryBankModule", "DCLLoss", "DCLWLoss", "negative_mises_fisher_weights"]
 
 
 class MemoryBankModule(nn.Module):
@@ -135,3 +148,45 @@ class NTXentLoss(nn.Module):
             # the local 2N rows against every rank's rows; the gathers sum the gradient over ranks
             return nt_xent(out0, out1, self.temperature, normalize=False, reduction="none", gather=True).mean()
         return nt_xent(out0, out1, self.temperature, normalize=False)
+
+
+def negative_mises_fisher_weights(out0: Tensor, out1: Tensor, sigma: float = 0.5) -> Tensor:
+    """lightly's DCLW weights (N,): 2 − N·softmax_i(out0_i·out1_i / σ), detached."""
+    similarity = torch.einsum("nm,nm->n", out0.detach(), out1.detach()) / sigma
+    return 2 - out0.shape[0] * F.softmax(similarity, dim=0)
+
+
+class DCLLoss(nn.Module):
+    """lightly.loss.DCLLoss with the fused decoupled kernels (see the module docstring)."""
+
+    def __init__(self, temperature: float = 0.1, weight_fn: Optional[Callable[[Tensor, Tensor], Tensor]] = None,
+                 gather_distributed: bool = False):
+        super().__init__()
+        self.temperature = temperature
+        self.weight_fn = weight_fn
+        self.gather_distributed = gather_distributed
+        if gather_distributed and not torch.distributed.is_available():
+            raise ValueError("gather_distributed is True but torch.distributed is not available. "
+                             "Please set gather_distributed=False or install a torch version with "
+                             "distributed support.")
+
+    def forward(self, out0: Tensor, out1: Tensor) -> Tensor:
+        out0 = F.normalize(out0, dim=1)
+        out1 = F.normalize(out1, dim=1)
+        gather = self.gather_distributed and _dist.world_size() > 1
+        loss = nt_xent(out0, out1, self.temperature, normalize=False, decoupled=True, reduction="none",
+                       gather=gather).mean()
+        if self.weight_fn is None:
+            return loss
+        # −w·s/τ in place of the fused loss's −s/τ, for both directions' anchors
+        positive = (out0 * out1).sum(1) / self.temperature
+        w0, w1 = self.weight_fn(out0, out1), self.weight_fn(out1, out0)
+        return loss + ((2 - w0 - w1) * positive).mean() / 2
+
+
+class DCLWLoss(DCLLoss):
+    """lightly.loss.DCLWLoss: DCLLoss with the negative von Mises-Fisher weights."""
+
+    def __init__(self, temperature: float = 0.1, sigma: float = 0.5, gather_distributed: bool = False):
+        super().__init__(temperature=temperature, weight_fn=partial(negative_mises_fisher_weights, sigma=sigma),
+                         gather_distributed=gather_distributed)
