@@ -133,6 +133,7 @@ BASELINE_SPILLS = {
     "cross_bwd_q_kernel queue+gk D128 tf32 sm_90",  # 3.6.0: 196 B, 3.8.0: 304 B
     "cross_bwd_q_kernel queue+gk+split D128 tf32 sm_80",  # 3.6.0: 256 B, 3.8.0: 332 B
     "cross_bwd_q_kernel queue+gk+split D128 tf32 sm_90",  # 3.6.0: 196 B, 3.8.0: 304 B
+    "cross_bwd_q_kernel queue+gk+dcl D128 tf32 sm_80",  # 3.8.0: 12 B (2026-12-04, DCL; the class of queue+gk)
     "cross_fwd_kernel inbatch+odd D100 bf16 sm_80",  # 3.8.0: 8 B
     "cross_fwd_kernel inbatch+odd D100 fp16 sm_80",  # 3.8.0: 8 B
     "self_bwd_kernel nolab D512 fp16 sm_80",  # 3.6.0: 8 B, 3.8.0: 8 B

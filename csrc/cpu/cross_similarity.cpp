@@ -174,6 +174,22 @@ void cross_forward_impl(const CrossInputs& in, acc_t* lse, acc_t* pos, acc_t* ps
   });
 }
 
+// In place, the tile of queries [i0, i0 + ni) × columns [c0, c0 + nc) (raw products) becomes
+// G_ic = a_i P_ic + b_i [c = positive of i] (`has_pos`: the columns are keys; decoupled: no P at
+// the positive).
+template <typename acc_t>
+void query_weights(const CrossInputs& in, acc_t* tile, int64_t i0, int64_t ni, int64_t c0, int64_t nc, bool has_pos,
+                   const acc_t* a, const acc_t* b, const acc_t* lse) {
+  const acc_t sc = static_cast<acc_t>(in.scale);
+  for (int64_t r = 0; r < ni; ++r) {
+    const int64_t i = i0 + r;
+    acc_t* h = tile + r * nc;
+    row_ops::row_exp(h, nc, sc, a[i], lse[i]);  // a_i P_ic
+    const int64_t pc = has_pos ? i + in.offset - c0 : -1;  // its positive's column, if in this tile
+    if (pc >= 0 && pc < nc) h[pc] = (in.decoupled ? acc_t(0) : h[pc]) + b[i];
+  }
+}
+
 template <typename acc_t>
 void cross_backward_impl(const CrossInputs& in, const acc_t* lse, const acc_t* a, const acc_t* b,
                          at::Tensor& grad_q, at::Tensor* grad_k) {
@@ -207,13 +223,7 @@ void cross_backward_impl(const CrossInputs& in, const acc_t* lse, const acc_t* a
       for (int64_t c0 = 0; c0 < n; c0 += kColBlock) {
         const int64_t nc = std::min(kColBlock, n - c0);
         cpu::gemm_tile(qp + r0 * D, nr, cp + c0 * D, nc, D, acc_t(1), buf.data());
-        for (int64_t r = 0; r < nr; ++r) {
-          const int64_t i = r0 + r;
-          acc_t* h = buf.data() + r * nc;
-          row_ops::row_exp(h, nc, sc, a[i], lse[i]);  // a_i P_ic
-          const int64_t pc = has_pos ? i + off - c0 : -1;
-          if (pc >= 0 && pc < nc) h[pc] = (in.decoupled ? acc_t(0) : h[pc]) + b[i];
-        }
+        query_weights(in, buf.data(), r0, nr, c0, nc, has_pos, a, b, lse);
         cpu::gemm_accumulate(buf.data(), nr, nc, cp + c0 * D, D, sc, g);
       }
     };
@@ -254,13 +264,7 @@ void cross_backward_impl(const CrossInputs& in, const acc_t* lse, const acc_t* a
         for (int64_t i0 = 0; i0 < M; i0 += kRowBlock) {
           const int64_t ni = std::min(kRowBlock, M - i0);
           cpu::gemm_tile(qp + i0 * D, ni, kp + j0 * D, nj, D, acc_t(1), buf.data());
-          for (int64_t r = 0; r < ni; ++r) {
-            const int64_t i = i0 + r;
-            acc_t* h = buf.data() + r * nj;
-            row_ops::row_exp(h, nj, sc, a[i], lse[i]);  // a_i P_ij
-            const int64_t pc = i + off - j0;  // query i's positive key, if in this block
-            if (pc >= 0 && pc < nj) h[pc] = (in.decoupled ? acc_t(0) : h[pc]) + b[i];
-          }
+          query_weights(in, buf.data(), i0, ni, j0, nj, true, a, b, lse);
           cpu::gemm_accumulate_transposed(buf.data(), ni, nj, qp + i0 * D, D, sc, g);
         }
       },

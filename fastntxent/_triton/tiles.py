@@ -296,7 +296,9 @@ def top1_update(best, best_pos, v, v_max, t_max, is_pos, local, BLOCK_N: tl.cons
     else:
         t_pos = tl.zeros_like(best_pos)
     better = t_max > best
-    return tl.where(better, t_max, best), tl.where(better, t_pos, best_pos)
+    best_pos = tl.where(better, t_pos, best_pos)
+    best = tl.where(better, t_max, best)
+    return best, best_pos
 
 
 @triton.jit

@@ -114,6 +114,14 @@ class MemoryBankModule(nn.Module):
             self.bank_ptr[0] = ptr + batch_size
 
 
+def _check_distributed_available(gather_distributed: bool) -> None:
+    """lightly's constructor check, with its message."""
+    if gather_distributed and not torch.distributed.is_available():
+        raise ValueError("gather_distributed is True but torch.distributed is not available. "
+                         "Please set gather_distributed=False or install a torch version with "
+                         "distributed support.")
+
+
 class NTXentLoss(nn.Module):
     """lightly.loss.NTXentLoss with the fused kernels (see the module docstring)."""
 
@@ -129,10 +137,7 @@ class NTXentLoss(nn.Module):
         if temperature < 0:
             raise NotImplementedError(f"temperature={temperature}: lightly takes a negative temperature, "
                                       "the fused kernels need temperature > 0")
-        if gather_distributed and not torch.distributed.is_available():
-            raise ValueError("gather_distributed is True but torch.distributed is not available. "
-                             "Please set gather_distributed=False or install a torch version with "
-                             "distributed support.")
+        _check_distributed_available(gather_distributed)
 
     def forward(self, out0: Tensor, out1: Tensor) -> Tensor:
         out0 = F.normalize(out0, dim=1)
@@ -165,10 +170,7 @@ class DCLLoss(nn.Module):
         self.temperature = temperature
         self.weight_fn = weight_fn
         self.gather_distributed = gather_distributed
-        if gather_distributed and not torch.distributed.is_available():
-            raise ValueError("gather_distributed is True but torch.distributed is not available. "
-                             "Please set gather_distributed=False or install a torch version with "
-                             "distributed support.")
+        _check_distributed_available(gather_distributed)
 
     def forward(self, out0: Tensor, out1: Tensor) -> Tensor:
         out0 = F.normalize(out0, dim=1)
