@@ -297,3 +297,20 @@ def test_absurd_learning_rate_is_stopped(tmp_path, capsys):
     assert code == 3, err
     assert "stopped (--on-collapse stop)" in err and "checkpoint saved" in err
     assert load_checkpoint(str(run_dir))["epoch"] <= 2
+
+
+@pytest.mark.parametrize("shape", [(37, 1, 8, 8), (20, 3, 32, 32)])
+def test_digits_augment_in_slices_draws_the_same_views(shape):
+    """Slicing only bounds the temporaries: the views and the generator's state after them do
+    not depend on the slice size (a resumed run and any batch size draw the same views)."""
+    from fastntxent.train.augment import DigitsAugment
+
+    x = torch.rand(shape, generator=torch.Generator().manual_seed(0))
+    mean, std = torch.tensor(0.3), torch.tensor(0.2)
+    views = []
+    for slice_rows in (10**9, 16, 5):
+        torch.manual_seed(7)
+        views.append((DigitsAugment(mean, std, slice_rows=slice_rows)(x), torch.rand(4)))
+    for got, after in views[1:]:
+        assert torch.equal(got, views[0][0]) and torch.equal(after, views[0][1])
+    assert not torch.equal(views[0][0], (x - mean) / std)  # (it did augment)

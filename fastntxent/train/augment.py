@@ -50,47 +50,74 @@ def eval_transform(size: int, mean, std, resize: bool = False):
 
 
 class DigitsAugment:
-    """Batched augmentation of (B, 1, 8, 8) images in [0, 1]; returns normalised images."""
+    """Batched augmentation of (B, C, H, W) images in [0, 1]; returns normalised images.
+
+    The random parameters of the whole batch are drawn first, in one fixed order (so a view
+    does not depend on `slice_rows`); the warp, gain, erasing, noise and normalisation then run
+    on slices of `slice_rows` images written into one output, so the temporaries (the sampling
+    grid, the warped and masked copies) are a slice's, not the batch's: the batch costs its
+    input, its noise and its output."""
 
     def __init__(self, mean: torch.Tensor, std: torch.Tensor, rotation: float = 20.0,
                  zoom=(0.8, 1.25), shear: float = 15.0, shift: float = 1.0,
                  gain=(0.6, 1.4), gain_prob: float = 0.8, erase_prob: float = 0.5,
-                 erase_size: int = 3, noise: float = 0.1):
+                 erase_size: int = 3, noise: float = 0.1, slice_rows: int = 256):
         self.mean, self.std = mean, std
         self.rotation, self.zoom, self.shear, self.shift = rotation, zoom, shear, shift
         self.gain, self.gain_prob = gain, gain_prob
         self.erase_prob, self.erase_size, self.noise = erase_prob, erase_size, noise
+        self.slice_rows = slice_rows
 
     @staticmethod
     def _u(n, lo, hi):
         return torch.rand(n) * (hi - lo) + lo  # global CPU generator: same draws on any device
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        B, _, H, W = x.shape
-        dev = x.device
-        ang = self._u(B, -self.rotation, self.rotation) * math.pi / 180
-        sh = self._u(B, -self.shear, self.shear) * math.pi / 180
-        z = torch.exp(self._u(B, math.log(self.zoom[0]), math.log(self.zoom[1])))
-        t = self._u(2 * B, -self.shift, self.shift).view(B, 2) * 2 / W  # pixels -> [-1, 1] units
-        cos, sin, tsh = torch.cos(ang), torch.sin(ang), torch.tan(sh)
-        # theta maps output coordinates to input coordinates: rotation . shear / zoom
-        a = torch.stack([cos, cos * tsh - sin, sin, sin * tsh + cos], 1).view(B, 2, 2) / z.view(B, 1, 1)
-        theta = torch.cat([a, t.unsqueeze(2)], 2).to(dev)
-        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-        out = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    def _draw(self, shape) -> dict:
+        """Every random parameter of a batch of `shape`, on the CPU, in the generator's order."""
+        B, C, H, W = shape
+        p = {"ang": self._u(B, -self.rotation, self.rotation) * math.pi / 180,
+             "sh": self._u(B, -self.shear, self.shear) * math.pi / 180,
+             "z": torch.exp(self._u(B, math.log(self.zoom[0]), math.log(self.zoom[1]))),
+             "t": self._u(2 * B, -self.shift, self.shift).view(B, 2) * 2 / W}  # pixels -> [-1, 1] units
         g = self._u(B, *self.gain)
-        g = torch.where(torch.rand(B) < self.gain_prob, g, torch.ones(B))
-        out = out * g.view(B, 1, 1, 1).to(dev)
+        p["g"] = torch.where(torch.rand(B) < self.gain_prob, g, torch.ones(B))
         if self.erase_prob > 0:
             e = self.erase_size
-            ey = torch.randint(0, H - e + 1, (B,))
-            ex = torch.randint(0, W - e + 1, (B,))
-            on = torch.rand(B) < self.erase_prob
+            p["ey"] = torch.randint(0, H - e + 1, (B,))
+            p["ex"] = torch.randint(0, W - e + 1, (B,))
+            p["on"] = torch.rand(B) < self.erase_prob
+        if self.noise > 0:
+            p["noise"] = torch.randn(shape)
+        return p
+
+    def _apply(self, x: torch.Tensor, p: dict) -> torch.Tensor:
+        """The augmentation of images x (b, C, H, W) with their parameters p (each of b rows)."""
+        b, _, H, W = x.shape
+        dev = x.device
+        cos, sin, tsh = torch.cos(p["ang"]), torch.sin(p["ang"]), torch.tan(p["sh"])
+        # theta maps output coordinates to input coordinates: rotation . shear / zoom
+        a = torch.stack([cos, cos * tsh - sin, sin, sin * tsh + cos], 1).view(b, 2, 2) / p["z"].view(b, 1, 1)
+        theta = torch.cat([a, p["t"].unsqueeze(2)], 2).to(dev)
+        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+        out = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        out = out * p["g"].view(b, 1, 1, 1).to(dev)
+        if self.erase_prob > 0:
+            e, ey, ex = self.erase_size, p["ey"].view(b, 1, 1), p["ex"].view(b, 1, 1)
             rows = torch.arange(H).view(1, H, 1)
             cols = torch.arange(W).view(1, 1, W)
-            m = ((rows >= ey.view(B, 1, 1)) & (rows < (ey + e).view(B, 1, 1))
-                 & (cols >= ex.view(B, 1, 1)) & (cols < (ex + e).view(B, 1, 1)) & on.view(B, 1, 1))
+            m = (rows >= ey) & (rows < ey + e) & (cols >= ex) & (cols < ex + e) & p["on"].view(b, 1, 1)
             out = out.masked_fill(m.unsqueeze(1).to(dev), 0.0)
         if self.noise > 0:
-            out = out + self.noise * torch.randn(out.shape).to(dev)
+            out = out + self.noise * p["noise"].to(dev)
         return (out - self.mean) / self.std
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        p = self._draw(x.shape)
+        B = x.shape[0]
+        if B <= self.slice_rows:
+            return self._apply(x, p)
+        out = torch.empty(x.shape, dtype=torch.result_type(x, self.mean), device=x.device)
+        for s in range(0, B, self.slice_rows):
+            rows = slice(s, min(B, s + self.slice_rows))
+            out[rows] = self._apply(x[rows], {k: v[rows] for k, v in p.items()})
+        return out
