@@ -264,12 +264,13 @@ VARIANTS = {
         "inbatch+odd": dict(DECOUPLED=False),
         "inbatch+dcl": dict(DECOUPLED=True),
     },
-    # local rows: rank 1 of 2 (ROW0 = ROWS = M / 2); the forward always computes every statistic
+    # local rows: rank 1 of 2 (ROW0 = ROWS = M / 2)
     "self_fwd_rows_kernel": {
-        "nolab": dict(HAS_LABELS=False, SPLIT=False, DECOUPLED=False),
-        "labels": dict(HAS_LABELS=True, SPLIT=False, DECOUPLED=False),
-        "nolab+split": dict(HAS_LABELS=False, SPLIT=True, DECOUPLED=False),
-        "labels+dcl": dict(HAS_LABELS=True, SPLIT=False, DECOUPLED=True),
+        "nolab": dict(HAS_LABELS=False, SPLIT=False, DECOUPLED=False, **FAST),
+        "nolab+all": dict(HAS_LABELS=False, SPLIT=False, DECOUPLED=False, **ALL),
+        "labels": dict(HAS_LABELS=True, SPLIT=False, DECOUPLED=False, **ALL),
+        "nolab+split": dict(HAS_LABELS=False, SPLIT=True, DECOUPLED=False, **ALL),
+        "labels+dcl": dict(HAS_LABELS=True, SPLIT=False, DECOUPLED=True, **ALL),
     },
     "self_bwd_row_side_kernel": {
         "nolab": dict(HAS_LABELS=False, DECOUPLED=False),

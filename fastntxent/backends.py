@@ -180,7 +180,7 @@ def _triton_operators(family: str) -> Operators:
     if family == "self_rows":
         from ._triton import self_local_similarity as launcher
 
-        return Operators(launcher.self_forward_rows, launcher.self_backward_rows)
+        return Operators(launcher.self_forward_rows, launcher.self_backward_rows, selective=True)
     if family == "siglip":
         from ._triton import siglip as launcher
 

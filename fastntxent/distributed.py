@@ -275,7 +275,8 @@ def gathered_self_loss(z: torch.Tensor, labels: Optional[torch.Tensor], views: i
     all_u = poison_gradient(all_u, bad)
     start, stop, total = layout.start, layout.stop, layout.total
     if stop - start < total and backends.refusal(chosen.name, "self_rows", z.device, z.dtype) is None:
-        rows = chosen.operators("self_rows").forward(all_u, tau, all_labels, 1, start, stop, decoupled)
+        ops = chosen.operators("self_rows")
+        rows = ops.forward(all_u, tau, all_labels, 1, start, stop, decoupled, *ops.forward_extra(tau, return_stats))
     else:  # one rank (the symmetric single-process backward), or no local-rows operators: full batch
         rows = [x[start:stop] for x in chosen.operators("self").forward(all_u, tau, all_labels, 1, decoupled)]
     lse, pos_sum, pos_count, _, top1 = rows

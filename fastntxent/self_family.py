@@ -98,7 +98,7 @@ def register_rows_operators(forward_op, backward_op) -> None:
     """
 
     @torch.library.register_fake(forward_op)
-    def _forward_fake(u, temperature, labels, rows_per_view, row_start, row_stop, decoupled=False):
+    def _forward_fake(u, temperature, labels, rows_per_view, row_start, row_stop, decoupled=False, *outputs):
         rows = u.new_empty((row_stop - row_start,), dtype=accumulation_dtype(u.dtype))
         return tuple(torch.empty_like(rows) for _ in range(5))
 

@@ -471,3 +471,25 @@ def test_local_rows_operator_opcheck():
     labels = torch.randint(0, 3, (20,))
     torch.library.opcheck(torch.ops.fastntxent.self_forward_rows.default, (u, t, labels, 1, 4, 13))
     torch.library.opcheck(torch.ops.fastntxent.self_forward_rows.default, (u, t, None, 7, 0, 20))
+
+
+@pytest.mark.skipif("triton" not in _rows_backends(), reason="needs triton under TRITON_INTERPRET=1")
+@pytest.mark.parametrize("outputs", [0, 1, 2, 3])
+def test_local_rows_triton_selective_outputs(outputs):
+    """The Triton local-rows forward computes top1 only when asked (return_stats) and the
+    expected logit only when the temperature needs a gradient; the others stay NaN."""
+    from fastntxent._triton import self_local_similarity
+
+    g = torch.Generator().manual_seed(9)
+    u = torch.nn.functional.normalize(torch.randn(50, 7, generator=g), dim=1)
+    labels = torch.randint(0, 4, (50,), generator=g)
+    t = torch.tensor(0.3)
+    want = reference.self_similarity_local_rows(u.double(), t.double(), labels, 1, 10, 37)
+    got = self_local_similarity.self_forward_rows(u, t, labels, 1, 10, 37, False, outputs)
+    for i, name in enumerate(("lse", "pos_sum", "pos_count")):
+        assert_rel_close(got[i], want[i], 1e-5, name)
+    for i, bit, name in ((3, 2, "expected_logit"), (4, 1, "top1")):
+        if outputs & bit:
+            assert_rel_close(got[i], want[i], 1e-5, name)
+        else:
+            assert torch.isnan(got[i]).all(), f"{name} computed though not asked for"

@@ -5,8 +5,9 @@ the global batch U (M, D) against all M columns; the diagonal of local row r is 
 labels are global (or i mod period of the global index).
 
 Forward (`self_fwd_rows_kernel`): one program per (local row block, column split), the online
-logsumexp sweep of self_kernels.py with the rows offset; several splits write partial states
-W (7, splits, ROWS), merged on the host.
+logsumexp sweep of self_kernels.py with the rows offset (top-1 only with NEED_TOP1, Σ P·s only
+with NEED_PS, as there); several splits write partial states W (7, splits, ROWS), merged on the
+host.
 
 Backward: the gradient of every global row produced by the local rows only,
 G_ij = a_i e^{s_ij − lse_i} + b_i [y_j = y_i] (i local, j ≠ i), in two kernels that each
@@ -21,11 +22,12 @@ import triton
 import triton.language as tl
 
 from .tiles import (BWD_CONFIGS, FWD_CONFIGS, accumulate_hb, decoupled_tile, dot_tile, labels_of, load_out_tile, load_rows,
-                    online_update, out_columns, prune_configs, row_block, row_weights, softmax_weight, split_range,
+                    online_tile, out_columns, prune_configs, row_block, row_weights, softmax_weight, split_range,
                     store_grad)
 
 
-@triton.autotune(configs=FWD_CONFIGS, key=["M_KEY", "D", "PREC", "HAS_LABELS", "SPLIT", "DECOUPLED"],
+@triton.autotune(configs=FWD_CONFIGS, key=["M_KEY", "D", "PREC", "HAS_LABELS", "SPLIT", "DECOUPLED", "NEED_TOP1",
+                                           "NEED_PS"],
                  prune_configs_by={"early_config_prune": prune_configs})
 @triton.jit
 def self_fwd_rows_kernel(
@@ -35,6 +37,7 @@ def self_fwd_rows_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     D_CHUNKS: tl.constexpr, HAS_LABELS: tl.constexpr, SPLIT: tl.constexpr,
     CAST_F32: tl.constexpr, PREC: tl.constexpr, DECOUPLED: tl.constexpr,
+    NEED_TOP1: tl.constexpr, NEED_PS: tl.constexpr,
 ):
     pid_s = tl.program_id(1)
     n_split = tl.num_programs(1)
@@ -68,10 +71,10 @@ def self_fwd_rows_kernel(
         pos = valid & (lab_r[:, None] == lab_c[None, :])
         if DECOUPLED:
             m_i, l_i, ps_i, best, best_pos = decoupled_tile(m_i, l_i, ps_i, best, best_pos, s, valid, pos, offs_n,
-                                                            BLOCK_N, True, True)
+                                                            BLOCK_N, NEED_TOP1, NEED_PS)
         else:
-            m_i, l_i, ps_i, best, best_pos = online_update(m_i, l_i, ps_i, best, best_pos, s, valid, pos,
-                                                            offs_n, BLOCK_N)
+            m_i, l_i, ps_i, best, best_pos = online_tile(m_i, l_i, ps_i, best, best_pos, s, s, 1.0, valid, pos,
+                                                         offs_n, BLOCK_N, True, True, NEED_TOP1, NEED_PS)
         pos_i += tl.sum(tl.where(pos, s, 0.0), 1)
         cnt_i += tl.sum(pos.to(tl.float32), 1)
 
@@ -80,19 +83,23 @@ def self_fwd_rows_kernel(
         stride_k = n_split.to(tl.int64) * ROWS
         tl.store(base, m_i, mask=row_ok)
         tl.store(base + stride_k, l_i, mask=row_ok)
-        tl.store(base + 2 * stride_k, ps_i, mask=row_ok)
+        if NEED_PS:
+            tl.store(base + 2 * stride_k, ps_i, mask=row_ok)
         tl.store(base + 3 * stride_k, pos_i, mask=row_ok)
         tl.store(base + 4 * stride_k, cnt_i, mask=row_ok)
-        tl.store(base + 5 * stride_k, best, mask=row_ok)
-        tl.store(base + 6 * stride_k, best_pos, mask=row_ok)
+        if NEED_TOP1:
+            tl.store(base + 5 * stride_k, best, mask=row_ok)
+            tl.store(base + 6 * stride_k, best_pos, mask=row_ok)
     else:
-        any_col = l_i > 0.0  # false only when M == 1
+        any_col = l_i > 0.0  # false only when M == 1 (decoupled: a row without a negative)
         l_safe = tl.where(any_col, l_i, 1.0)
         tl.store(LSE + local, tl.where(any_col, m_i + tl.log(l_safe), neg_inf), mask=row_ok)
-        tl.store(PS_SUM + local, tl.where(any_col, ps_i / l_safe, 0.0), mask=row_ok)
+        if NEED_PS:
+            tl.store(PS_SUM + local, tl.where(any_col, ps_i / l_safe, 0.0), mask=row_ok)
         tl.store(POS_SUM + local, pos_i, mask=row_ok)
         tl.store(POS_CNT + local, cnt_i, mask=row_ok)
-        tl.store(TOP1 + local, best_pos, mask=row_ok)
+        if NEED_TOP1:
+            tl.store(TOP1 + local, best_pos, mask=row_ok)
 
 
 @triton.jit

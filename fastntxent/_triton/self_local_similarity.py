@@ -1,13 +1,14 @@
 """Triton operators of the self family's local-rows form (docs/distributed.md).
 
     fastntxent::self_forward_rows_triton(u, temperature, labels, rows_per_view, row_start, row_stop,
-                                         decoupled=False)
+                                         decoupled=False, outputs=3)
         -> (lse, pos_sum, pos_count, expected_logit, top1)      each (row_stop − row_start,) float32
     fastntxent::self_backward_rows_triton(u, temperature, labels, rows_per_view, row_start, row_stop,
                                           lse, grad_lse, grad_pos, decoupled=False) -> grad_u   (M, D) in u's dtype
 
-Same schema and meaning as the C++ operators (csrc/ops.cpp, csrc/cpu/self_similarity.cpp); the
-kernels are in self_local_kernels.py. This file checks, poisons the outputs, picks the kernel
+Same schema and meaning as the C++ operators (csrc/ops.cpp, csrc/cpu/self_similarity.cpp), plus
+the Triton-only `outputs` of the forward (as self_similarity.py's: an optional statistic left out
+is not computed and stays NaN); the kernels are in self_local_kernels.py. This file checks, poisons the outputs, picks the kernel
 flags and column splits, launches, merges split states and adds the row side of the gradient
 into the column side.
 """
@@ -36,7 +37,7 @@ def _check_rows(u: torch.Tensor, row_start: int, row_stop: int) -> None:
 @torch.library.custom_op("fastntxent::self_forward_rows_triton", mutates_args=())
 def _self_forward_rows_triton(
     u: torch.Tensor, temperature: torch.Tensor, labels: Optional[torch.Tensor], rows_per_view: int,
-    row_start: int, row_stop: int, decoupled: bool = False,
+    row_start: int, row_stop: int, decoupled: bool = False, outputs: int = 3,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     _check(u, temperature, labels, rows_per_view)
     _check_rows(u, row_start, row_stop)
@@ -57,7 +58,7 @@ def _self_forward_rows_triton(
             u, u.stride(0), u.stride(1), tau, lab if lab is not None else dummy, M, D, rows_per_view, row_start, rows,
             common.m_key(M), *outs, work,
             BLOCK_D=flags.block_d, D_CHUNKS=flags.d_chunks, HAS_LABELS=lab is not None, SPLIT=splits > 1,
-            CAST_F32=flags.cast_f32, PREC=flags.prec, DECOUPLED=decoupled,
+            CAST_F32=flags.cast_f32, PREC=flags.prec, DECOUPLED=decoupled, **common.output_flags(outputs),
         )
     if splits == 1:
         return tuple(outs)

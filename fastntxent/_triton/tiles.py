@@ -6,7 +6,7 @@ time for sm_80/sm_90 under any Triton version (.ci/compile_triton.py), without t
 
 - `dot_tile`: A[rows] · B[cols]ᵀ as one `tl.dot` (D in one chunk) or a D-chunked loop;
 - `load_rows`: the row block held across the column sweep (one D chunk);
-- `online_tile` (`online_update`: its masked all-outputs form): one column tile into the running max-subtracted logsumexp (exp2 domain),
+- `online_tile` (`decoupled_tile`: its DCL form, positives out of the logsumexp): one column tile into the running max-subtracted logsumexp (exp2 domain),
   Σ P·s and the top-1 statistic;
 - `row_dot`: an elementwise fp32 row dot (the MoCo v2 positive logit);
 - the autotune configs, the interpreter's fixed blocks, and `d_blocks`, the D tiling.
@@ -142,7 +142,7 @@ def prune_configs(configs, named_args, **kwargs):
         # Forward, fp32 (tf32) operands: the row block held across the sweep takes
         # BLOCK_M·BLOCK_D / threads registers; at 128 (128x32 on 4 warps, D = 128) sm_90
         # spilled 76-124 B; with the top-1 statistic 128x64 on 8 warps spilled 20 B (sm_80).
-        # A forward without a NEED_TOP1 argument (local rows: always computes it) counts as with.
+        # A forward without a NEED_TOP1 argument counts as with.
         kept = [c for c in kept if c.kwargs["BLOCK_M"] * int(block_d) <= 64 * 32 * c.num_warps
                 and not (kwargs.get("NEED_TOP1", named_args.get("NEED_TOP1", True)) and c.num_warps > 4)] or kept[-1:]
     block_do = kwargs.get("BLOCK_DO", named_args.get("BLOCK_DO"))
@@ -313,14 +313,6 @@ def decoupled_tile(m_i, l_i, ps_i, best, best_pos, s, valid, is_pos, local, BLOC
         best, best_pos = top1_update(best, best_pos, s_all, t_max, t_max, is_pos, local, BLOCK_N, True)
     return online_tile(m_i, l_i, ps_i, best, best_pos, s, s, 1.0, valid & (is_pos == 0), is_pos, local, BLOCK_N,
                        True, True, False, NEED_PS)
-
-
-@triton.jit
-def online_update(m_i, l_i, ps_i, best, best_pos, s, valid, is_pos, local, BLOCK_N: tl.constexpr):
-    """`online_tile` for logits s (natural units) with a mask and every output: the form the
-    local-rows kernels call."""
-    return online_tile(m_i, l_i, ps_i, best, best_pos, s, s, 1.0, valid, is_pos, local, BLOCK_N,
-                       True, True, True, True)
 
 
 @triton.jit
