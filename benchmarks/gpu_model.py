@@ -380,13 +380,15 @@ TRITON_KERNELS = {  # kernel -> (pass, default variant of the common case, label
 
 
 def choose_config(rows, kernel, dtype_key, target, n_configs):
-    """Index of the largest spill-free config at D = 128 in the gate's table (default variant)."""
+    """Index of the largest spill-free config at D = 128 in the gate's table (default variant);
+    among equal areas the one with fewer warps, then the taller."""
     ok = [r for r in rows if r["kernel"] == kernel and r["dtype_key"] == dtype_key and r["target"] == target
           and r["D"] == 128 and r["variant"] == TRITON_KERNELS[kernel][1] and not r.get("error")
           and (r.get("spill_bytes") or 0) == 0 and r.get("status") not in ("PRUNED",)]
     if not ok:
         return n_configs - 1
-    best = max(ok, key=lambda r: (_area(r["config"]), -_warps(r["config"])))
+    # ties: the taller tile (fewer programs per column, as the autotuner's first configs)
+    best = max(ok, key=lambda r: (_area(r["config"]), -_warps(r["config"]), int(r["config"].split("x")[0])))
     return best["config_index"]
 
 
@@ -494,12 +496,14 @@ def cuda_cases(funcs: dict, resources: dict, target: int, D: int):
     out = []
     for name, instrs in funcs.items():
         pass_ = "fwd" if "forward_kernel" in name else "bwd"
-        dtype = "bf16" if "nv_bfloat16" in name else ("fp32" if re.search(r"kernelIf(?:Lb[01]E)?E", name) else None)
-        if dtype is None:
+        # <T, kVecRows, kDecoupled>: T mangled as f (float), 13__nv_bfloat16, 6__half
+        flags = re.search(r"kernelI(f|13__nv_bfloat16|6__half)Lb([01])ELb([01])E", name)
+        if flags is None or flags.group(1) == "6__half":
             continue  # fp16 compiles to the same code as bf16 (modulo the conversion ops)
-        if "Lb0E" in name:
-            continue  # the element-wise staging variant (misaligned rows): the common case is Lb1E
-        vec = "Lb1E" in name  # forward_kernel<T, kVecRows = true>: 16-byte staging loads
+        dtype = "fp32" if flags.group(1) == "f" else "bf16"
+        if flags.group(2) == "0" or flags.group(3) == "1":
+            continue  # element-wise staging (misaligned rows) and DCL: the common case is <T, true, false>
+        vec = True  # 16-byte staging loads
         eb = 2 if dtype == "bf16" else 4
         chunk, kv = cuda_traits()[dtype]
         per_tile = tile_counts(instrs, cuda_trips(dtype, D, eb))
@@ -610,8 +614,12 @@ def render(rows, fams, meta) -> str:
 def build_cases(dims, cache_root, log=print):
     gate = load_gate()
     mods = gate.load_kernels()
-    rows = json.loads(RESOURCES.read_text())["rows"]
     import triton
+    table = json.loads(RESOURCES.read_text())
+    # the gate's table: {"runs": [one per triton version, each with "rows"]} (older files: "rows")
+    runs = table.get("runs", [table])
+    rows = [r for run in runs if run.get("meta", {}).get("triton", triton.__version__) == triton.__version__
+            for r in run["rows"]] or [r for run in runs for r in run["rows"]]
     cases = {}
     with tempfile.TemporaryDirectory(prefix="gpu-model-cuda-") as cuda_dir:
         cuda = {TARGET[k]: compile_cuda(TARGET[k], cuda_dir) for k in DEVICES}  # one snapshot of the source

@@ -247,7 +247,7 @@ class Kernels:
 # ---------------------------------------------------------------------------------------
 def write_cases(path: Path, cases: list[dict]) -> None:
     """cases: dicts with u (np, 2-D), type (int code), tau, labels (np or None), period,
-    grad_lse, grad_pos (np (M,))."""
+    grad_lse, grad_pos (np (M,)), optionally decoupled (bool, default False)."""
     arrays, meta = {}, []
     for i, c in enumerate(cases):
         arrays[f"u{i}"] = c["u"]
@@ -255,7 +255,8 @@ def write_cases(path: Path, cases: list[dict]) -> None:
         arrays[f"grad_pos{i}"] = c["grad_pos"]
         if c["labels"] is not None:
             arrays[f"labels{i}"] = c["labels"]
-        meta.append({"type": c["type"], "tau": c["tau"], "period": c["period"], "labels": c["labels"] is not None})
+        meta.append({"type": c["type"], "tau": c["tau"], "period": c["period"], "labels": c["labels"] is not None,
+                     "decoupled": bool(c.get("decoupled", False))})
     np.savez(path, meta=np.array(json.dumps(meta)), **arrays)
 
 
@@ -268,11 +269,12 @@ def run_cases(lib: Path | str, cases_path: Path | str, out_path: Path | str) -> 
     for i, m in enumerate(meta):
         u = data[f"u{i}"]
         labels = data[f"labels{i}"] if m["labels"] else None
-        stats = kernels.forward(u, m["type"], m["tau"], labels, m["period"])
+        dcl = m.get("decoupled", False)
+        stats = kernels.forward(u, m["type"], m["tau"], labels, m["period"], dcl)
         for name, a in zip(("lse", "pos_sum", "pos_count", "ps_sum", "top1"), stats):
             out[f"{name}{i}"] = a
         out[f"grad{i}"] = kernels.backward(u, m["type"], m["tau"], labels, m["period"], stats[0],
-                                           data[f"grad_lse{i}"], data[f"grad_pos{i}"])
+                                           data[f"grad_lse{i}"], data[f"grad_pos{i}"], dcl)
     np.savez(out_path, **out)
 
 

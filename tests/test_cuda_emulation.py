@@ -282,7 +282,8 @@ def test_vector_and_elementwise_staging_agree(kernels, dtype):
 def test_shared_array_of_every_kernel_is_found():
     """The emulator finds each kernel's __shared__ array in the symbol table (to poison it
     before every block and bound-check WMMA tiles): one per kernel instantiation (element type
-    × 16-byte or element-wise staging), within the 48 KiB of static shared memory."""
+    × 16-byte or element-wise staging × decoupled or not), within the 48 KiB of static shared
+    memory."""
     import subprocess
     import sys
     import tempfile
@@ -291,8 +292,8 @@ def test_shared_array_of_every_kernel_is_found():
     lib = emu.build_kernels("plain")
     with tempfile.TemporaryDirectory() as tmp:
         cases = [dict(u=_rows_numpy(rows(65, D, dt)), type=_type_code(dt), tau=0.5, labels=None, period=1,
-                      grad_lse=np.ones(65, np.float32), grad_pos=np.ones(65, np.float32))
-                 for dt in DTYPES for D in (17, 16)]  # element-wise and 16-byte staging
+                      grad_lse=np.ones(65, np.float32), grad_pos=np.ones(65, np.float32), decoupled=dcl)
+                 for dt in DTYPES for D in (17, 16) for dcl in (False, True)]  # element-wise / 16-byte staging
         emu.write_cases(Path(tmp) / "cases.npz", cases)
         r = subprocess.run([sys.executable, emu.__file__, "run", str(lib), str(Path(tmp) / "cases.npz"),
                             str(Path(tmp) / "out.npz")], capture_output=True, text=True,
@@ -300,8 +301,8 @@ def test_shared_array_of_every_kernel_is_found():
     assert r.returncode == 0, r.stderr
     found = re.findall(r"kernel void .*?::(\w+_kernel<[\w:, ]+>)\(.*?: __shared__ .*?::smem, (\d+) bytes", r.stderr)
     assert sorted(name for name, _ in found) == sorted(
-        f"{k}_kernel<{t}, {v}>" for k in ("forward", "backward") for t in ("float", "__half", "__nv_bfloat16")
-        for v in ("false", "true")), r.stderr
+        f"{k}_kernel<{t}, {v}, {d}>" for k in ("forward", "backward") for t in ("float", "__half", "__nv_bfloat16")
+        for v in ("false", "true") for d in ("false", "true")), r.stderr
     assert all(0 < int(size) <= 48 * 1024 for _, size in found), found
 
 
@@ -509,4 +510,4 @@ def test_asan_reports_the_read_past_the_end_of_shared_memory(tmp_path):
     assert r.returncode != 0, "AddressSanitizer did not report the read past the end"
     assert "ERROR: AddressSanitizer: global-buffer-overflow" in r.stderr, r.stderr[-4000:]
     assert "0 bytes to the right of global variable 'smem'" in r.stderr, r.stderr[-4000:]
-    assert "in backward_kernel<float, false>" in r.stderr, r.stderr[-4000:]  # D = 17: element-wise staging
+    assert "in backward_kernel<float, false, false>" in r.stderr, r.stderr[-4000:]  # D = 17: element-wise staging

@@ -243,11 +243,11 @@ __device__ void tile_scores(const T* __restrict__ u, int64_t M, int64_t D, int64
 
 // At least 3 blocks per SM (A100's shared memory holds 3 of the 16-bit kernels' 45 KiB): a cap
 // of 170 registers, within which ptxas (sm_90) no longer picks 96 registers and spills.
-template <typename T, bool kVecRows>
+template <typename T, bool kVecRows, bool kDecoupled>
 __global__ void __launch_bounds__(kThreads, 3)
     forward_kernel(const T* __restrict__ u, int64_t M, int64_t D, int64_t ld,
                    const float* __restrict__ temperature, const int64_t* __restrict__ labels,
-                   int64_t period, bool decoupled, float* __restrict__ lse, float* __restrict__ pos_sum,
+                   int64_t period, float* __restrict__ lse, float* __restrict__ pos_sum,
                    float* __restrict__ pos_count, float* __restrict__ ps_sum, float* __restrict__ top1) {
   __shared__ __align__(128) unsigned char smem[Layout<T>::kBytes];
   const Smem sm = carve<T>(smem);
@@ -292,9 +292,10 @@ __global__ void __launch_bounds__(kThreads, 3)
       targ = other_arg;
     }
     // The largest logit the logsumexp takes: decoupled, that of the negatives only (so that a
-    // dominant positive cannot underflow their exps).
+    // dominant positive cannot underflow their exps). kDecoupled is a template argument: the
+    // coupled kernels' machine code holds none of this.
     float lmax = tmax;
-    if (decoupled) {
+    if constexpr (kDecoupled) {
       lmax = neg_inf;
 #pragma unroll
       for (int cc = 0; cc < kHalf; cc += 2) {
@@ -314,7 +315,7 @@ __global__ void __launch_bounds__(kThreads, 3)
 #pragma unroll
       for (int k = 0; k < 2; ++k) {
         if (s[cc + k] != neg_inf) {
-          if (!(decoupled && pos[k])) {
+          if (!(kDecoupled && pos[k])) {
             const float e = __expf(s[cc + k] - shift);
             tl += e;
             tps += e * s[cc + k];
@@ -352,11 +353,11 @@ __global__ void __launch_bounds__(kThreads, 3)
   }
 }
 
-template <typename T, bool kVecRows>
+template <typename T, bool kVecRows, bool kDecoupled>
 __global__ void __launch_bounds__(kThreads)
     backward_kernel(const T* __restrict__ u, int64_t M, int64_t D, int64_t ld,
                     const float* __restrict__ temperature, const int64_t* __restrict__ labels,
-                    int64_t period, bool decoupled, const float* __restrict__ lse,
+                    int64_t period, const float* __restrict__ lse,
                     const float* __restrict__ grad_lse, const float* __restrict__ grad_pos,
                     float* __restrict__ grad) {
   using Tr = Traits<T>;
@@ -421,7 +422,7 @@ __global__ void __launch_bounds__(kThreads)
           float v = 0.f;
           if (c < n_cols && c != diag) {
             const float s = sv[q] * inv_tau;
-            if (!(decoupled && same[q])) {  // decoupled: no softmax weight at a positive
+            if (!(kDecoupled && same[q])) {  // decoupled: no softmax weight at a positive
               if (ak != 0.f) v += ak * __expf(s - lk);
               if (a_c[q] != 0.f) v += a_c[q] * __expf(s - lse_c[q]);
             }
@@ -529,20 +530,24 @@ bool rows_vectorizable(const SelfProblem& p) {
 template <typename T>
 cudaError_t launch_forward(const SelfProblem& p, float* lse, float* pos_sum, float* pos_count,
                            float* ps_sum, float* top1, cudaStream_t stream) {
-  auto* kernel = rows_vectorizable<T>(p) ? forward_kernel<T, true> : forward_kernel<T, false>;
+  const bool vec = rows_vectorizable<T>(p);
+  auto* kernel = p.decoupled ? (vec ? forward_kernel<T, true, true> : forward_kernel<T, false, true>)
+                             : (vec ? forward_kernel<T, true, false> : forward_kernel<T, false, false>);
   FASTNTXENT_LAUNCH(kernel, row_blocks(p.M), kThreads, stream,
-                    static_cast<const T*>(p.u), p.M, p.D, p.row_stride, p.temperature, p.labels, p.period,
-                    p.decoupled, lse, pos_sum, pos_count, ps_sum, top1);
+                    static_cast<const T*>(p.u), p.M, p.D, p.row_stride, p.temperature, p.labels, p.period, lse,
+                    pos_sum, pos_count, ps_sum, top1);
   return cudaGetLastError();
 }
 
 template <typename T>
 cudaError_t launch_backward(const SelfProblem& p, const float* lse, const float* grad_lse,
                             const float* grad_pos, float* grad_u, cudaStream_t stream) {
-  auto* kernel = rows_vectorizable<T>(p) ? backward_kernel<T, true> : backward_kernel<T, false>;
+  const bool vec = rows_vectorizable<T>(p);
+  auto* kernel = p.decoupled ? (vec ? backward_kernel<T, true, true> : backward_kernel<T, false, true>)
+                             : (vec ? backward_kernel<T, true, false> : backward_kernel<T, false, false>);
   FASTNTXENT_LAUNCH(kernel, row_blocks(p.M), kThreads, stream,
-                    static_cast<const T*>(p.u), p.M, p.D, p.row_stride, p.temperature, p.labels, p.period,
-                    p.decoupled, lse, grad_lse, grad_pos, grad_u);
+                    static_cast<const T*>(p.u), p.M, p.D, p.row_stride, p.temperature, p.labels, p.period, lse,
+                    grad_lse, grad_pos, grad_u);
   return cudaGetLastError();
 }
 
