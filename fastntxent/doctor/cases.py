@@ -3,7 +3,9 @@ how to call it through the public API.
 
 M counts anchor rows: supcon, info_nce and clip_loss take (M, D) tensors; nt_xent takes two
 views of ⌈M/2⌉ rows, multiview_nt_xent three views of ⌈M/3⌉ rows; the MoCo queue has M + 7
-rows; siglip_loss takes (M, D) image and text rows. Inputs are fresh standard-normal float64 tensors on the CPU (never zeros); the caller
+rows; siglip_loss takes (M, D) image and text rows; the decoupled (DCL) cases take at least 2
+rows per tower or view (so that every anchor has a negative: without one its loss is −inf,
+the truth, which no relative error measures). Inputs are fresh standard-normal float64 tensors on the CPU (never zeros); the caller
 rounds them to the dtype under test and moves them to the device.
 """
 from __future__ import annotations
@@ -55,8 +57,8 @@ def _randn(gen: torch.Generator, *shape: int) -> torch.Tensor:
     return torch.randn(*shape, generator=gen, dtype=torch.float64)
 
 
-def _nt_xent_inputs(M: int, D: int, gen) -> Inputs:
-    N = math.ceil(M / 2)
+def _nt_xent_inputs(M: int, D: int, gen, min_rows: int = 1) -> Inputs:
+    N = max(math.ceil(M / 2), min_rows)
     return Inputs({"z1": _randn(gen, N, D), "z2": _randn(gen, N, D)}, rows=2 * N)
 
 
@@ -70,8 +72,9 @@ def _supcon_inputs(M: int, D: int, gen) -> Inputs:
     return Inputs({"z": _randn(gen, M, D)}, {"labels": labels}, rows=M)
 
 
-def _pair_inputs(first: str, second: str):
+def _pair_inputs(first: str, second: str, min_rows: int = 1):
     def make(M: int, D: int, gen) -> Inputs:
+        M = max(M, min_rows)
         return Inputs({first: _randn(gen, M, D), second: _randn(gen, M, D)}, rows=M)
 
     return make
@@ -98,6 +101,11 @@ LOSSES: dict[str, LossCase] = {
                  lambda t, e, s, **kw: fx.info_nce(t["q"], t["k"], e["queue"], s, **kw)),
         LossCase("clip_loss", CROSS, _pair_inputs("a", "b"),
                  lambda t, e, s, **kw: fx.clip_loss(t["a"], t["b"], s, **kw),
+                 reductions=("mean",), scalar_name="logit_scale"),
+        LossCase("nt_xent_decoupled", SELF, lambda M, D, gen: _nt_xent_inputs(M, D, gen, min_rows=2),
+                 lambda t, e, s, **kw: fx.nt_xent(t["z1"], t["z2"], s, decoupled=True, **kw)),
+        LossCase("clip_loss_decoupled", CROSS, _pair_inputs("a", "b", min_rows=2),
+                 lambda t, e, s, **kw: fx.clip_loss(t["a"], t["b"], s, decoupled=True, **kw),
                  reductions=("mean",), scalar_name="logit_scale"),
         LossCase("siglip_loss", SIGLIP, _pair_inputs("img", "txt"),
                  lambda t, e, s, **kw: fx.siglip_loss(t["img"], t["txt"], s, SIGLIP_BIAS, **kw),
