@@ -45,6 +45,14 @@ def test_simclr_beats_random_init(tmp_path):
         assert os.path.isfile(os.path.join(s["run_dir"], f)), f
 
 
+def test_decoupled_simclr_beats_random_init(tmp_path):
+    """--decoupled (DCL): the positive out of NT-Xent's denominator, fused; it trains too (its
+    loss may go below 0: the denominator holds only negatives)."""
+    s = run(_cfg(tmp_path, method="simclr", epochs=20, decoupled=True), log=_quiet)
+    assert s["probe_accuracy"] - s["baseline_probe_accuracy"] >= SIMCLR_MARGIN, s
+    assert s["health"]["warnings"] == [], s["health"]
+
+
 def test_moco_beats_random_init(tmp_path):
     s = run(_cfg(tmp_path, method="moco", epochs=20), log=_quiet)
     margin = s["probe_accuracy"] - s["baseline_probe_accuracy"]

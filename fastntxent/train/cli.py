@@ -32,6 +32,8 @@ _HELP = {
                    "identical views, ...): warn (print it, keep training) or stop (checkpoint, exit 3)",
     "lr": "learning rate per 256 samples of global batch, scaled linearly",
     "temperature": "loss temperature (default 0.2)",
+    "decoupled": "decoupled contrastive loss (DCL, Yeh et al. 2022): the positive left out of each "
+                 "denominator (SimCLR: NT-Xent; MoCo: InfoNCE against the queue only)",
     "queue_size": "MoCo queue length (default 512 on digits, 32768 otherwise)",
     "symmetric": "MoCo: symmetric loss (both views as queries), as solo-learn's MoCo v2+",
     "jitter_strength": "colour-jitter strength s (default 1.0 SimCLR, 0.5 MoCo)",

@@ -75,6 +75,7 @@ class TrainConfig:
     proj_output_dim: Optional[int] = None   # None: 64 on digits, 256 otherwise
     temperature: Optional[float] = None     # None: 0.2 (solo-learn's SimCLR and MoCo v2+ value)
     learnable_temperature: bool = False
+    decoupled: bool = False                 # DCL: the positives out of the loss's denominators
     # MoCo v2
     queue_size: Optional[int] = None        # None: 512 on digits, 32768 otherwise
     momentum_base: float = 0.99

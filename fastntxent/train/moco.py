@@ -34,7 +34,7 @@ class MoCo(nn.Module):
         self.queue = fx.MemoryQueue(cfg.proj_output_dim, cfg.queue_size)
         self.loss_fn = fx.InfoNCELoss(temperature=cfg.temperature,
                                       learnable_temperature=cfg.learnable_temperature,
-                                      backend=cfg.loss_backend)
+                                      backend=cfg.loss_backend, decoupled=cfg.decoupled)
         self.symmetric = cfg.symmetric
         self.m_base, self.m_final = cfg.momentum_base, cfg.momentum_final
 

@@ -22,7 +22,7 @@ class SimCLR(nn.Module):
         self.projector = projection_head(backbone.out_dim, cfg.proj_hidden_dim, cfg.proj_output_dim,
                                          batch_norm=True)
         self.loss_fn = fx.NTXentLoss(cfg.temperature, learnable_temperature=cfg.learnable_temperature,
-                                     backend=cfg.loss_backend, gather=world_size() > 1)
+                                     backend=cfg.loss_backend, gather=world_size() > 1, decoupled=cfg.decoupled)
 
     def forward(self, x1: torch.Tensor, x2: torch.Tensor) -> tuple[torch.Tensor, Stats]:
         z1, z2 = self.projector(self.backbone(torch.cat([x1, x2]))).chunk(2)
