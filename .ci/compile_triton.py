@@ -283,7 +283,7 @@ VARIANTS = {
         "labels": dict(HAS_LABELS=True, DECOUPLED=False),
         "labels+dcl": dict(HAS_LABELS=True, DECOUPLED=True),
     },
-    "siglip_fwd_kernel": {"pairs": dict()},
+    "siglip_fwd_kernel": {"pairs": dict(SPLIT=False), "pairs+split": dict(SPLIT=True)},
     "siglip_bwd_kernel": {                        # ∂x (rows x against y) and ∂y (TRANSPOSED)
         "grad_x": dict(TRANSPOSED=False),
         "grad_y": dict(TRANSPOSED=True),
@@ -343,7 +343,7 @@ def launch_args(kernel, variant, dt, D):
                     G=f32, stride_gm=D)
     if kernel == "siglip_fwd_kernel":
         return dict(X=P(dt), stride_xm=D, stride_xd=1, Y=P(dt), stride_ym=D, stride_yd=1, SCALE=f32, BIAS=f32,
-                    M=M, N=N, D=D, OFF=0, M_KEY=pow2(M), N_KEY=pow2(N), LOSS=f32, DSUM=f32, DCOS=f32)
+                    M=M, N=N, D=D, OFF=0, M_KEY=pow2(M), N_KEY=pow2(N), LOSS=f32, DSUM=f32, DCOS=f32, W=f32)
     if kernel == "siglip_bwd_kernel":  # one split: the gradient in the input dtype
         return dict(A=P(dt), stride_am=D, stride_ad=1, B=P(dt), stride_bm=D, stride_bd=1, SCALE=f32, BIAS=f32,
                     WGT=f32, R=M, C=N, D=D, OFF=0, R_KEY=pow2(M), C_KEY=pow2(N), G=P(dt), stride_gm=D)

@@ -201,10 +201,14 @@ def test_opcheck_triton_ops():
 
 
 @needs_interpreter
-def test_triton_operator_with_offset_matches_reference_rows():
+@pytest.mark.parametrize("splits", [None, 3], ids=["one-split", "three-splits"])
+def test_triton_operator_with_offset_matches_reference_rows(monkeypatch, splits):
     """The operators on their own: local rows (M) against gathered columns (N) with the positive
-    at an offset (gather=True's layout), and the gradient of both towers."""
+    at an offset (gather=True's layout), and the gradient of both towers; the forward's column
+    splits (partial sums added on the host) forced to 3."""
     from fastntxent._triton import siglip as ts
+
+    monkeypatch.setattr(ts, "SPLITS", splits)
 
     x, y = torch.randn(11, 6), torch.randn(40, 6)
     s, b = torch.tensor(3.0), torch.tensor(-1.0)

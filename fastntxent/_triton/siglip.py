@@ -6,8 +6,8 @@
         -> (grad_x, grad_y)                                  in x's / y's dtype
 
 Same schema and meaning as the C++ operators (csrc/ops.cpp, fastntxent/siglip_family.py); the
-kernels are in siglip_kernels.py. This file launches: kernel flags for the device, the device
-guard, NaN-poisoned outputs.
+kernels are in siglip_kernels.py. This file launches: kernel flags for the device, column splits
+of the forward (occupancy), the device guard, NaN-poisoned outputs.
 """
 from __future__ import annotations
 
@@ -18,6 +18,11 @@ from . import common
 from .siglip_kernels import siglip_bwd_kernel, siglip_fwd_kernel
 
 __all__ = ["siglip_forward", "siglip_backward"]
+
+# Column splits of the forward: None picks from M and the SM count (1 under the interpreter);
+# an int forces it (tests exercise the split path with it).
+SPLITS = None
+_MAX_SPLITS = 16
 
 
 def _check(x, y, scale, bias, pos_offset):
@@ -56,14 +61,20 @@ def _siglip_forward_triton(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor
     if M == 0:
         return tuple(outs)
     flags = common.kernel_flags(x.dtype, D, common.device_capability(x.device))
-    common.check_grid((triton.cdiv(M, 32),))
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),)  # noqa: E731
+    splits = common.num_splits(M, N, x.device, _MAX_SPLITS, SPLITS)
+    work = common.poisoned((3, splits, M), x.device) if splits > 1 else outs[0]
+    common.check_grid((triton.cdiv(M, 32), splits))
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), splits)  # noqa: E731
     with common.device_guard(x.device):
         siglip_fwd_kernel[grid](
             x, x.stride(0), x.stride(1), y, y.stride(0), y.stride(1),
             _scalar(scale, x.device), _scalar(bias, x.device), M, N, D, pos_offset, common.m_key(M), common.m_key(N),
-            *outs, BLOCK_D=flags.block_d, D_CHUNKS=flags.d_chunks, CAST_F32=flags.cast_f32, PREC=flags.prec,
+            *outs, work, BLOCK_D=flags.block_d, D_CHUNKS=flags.d_chunks, CAST_F32=flags.cast_f32, PREC=flags.prec,
+            SPLIT=splits > 1,
         )
+    if splits > 1:
+        for out, part in zip(outs, work.unbind(0)):
+            torch.sum(part, 0, out=out)
     return tuple(outs)
 
 

@@ -7,8 +7,10 @@ Rows are images x (M, D), columns texts y (N, D); logits ℓ_ij = t·(x_i·y_j) 
 of row i at column i + OFF (z = +1 there, −1 elsewhere). No softmax, so no running state: each
 tile's terms are summed on their own.
 
-Forward (`siglip_fwd_kernel`): one program per row block over the column tiles of y; per row
-Σ_j −log σ(z ℓ), Σ_j g and Σ_j g·(x_i·y_j) with g = −z σ(−z ℓ) (`pair_terms`, stable for any |ℓ|).
+Forward (`siglip_fwd_kernel`): one program per (row block, column split) over its column tiles
+of y; per row Σ_j −log σ(z ℓ), Σ_j g and Σ_j g·(x_i·y_j) with g = −z σ(−z ℓ) (`pair_terms`,
+stable for any |ℓ|). Plain sums: several splits (SPLIT) write partial sums W (3, splits, M),
+added on the host (few image rows against many texts fill the GPU that way).
 Backward (`siglip_bwd_kernel`), for L = Σ_i w_i loss_i and G_ij = w_i g_ij, one kernel for both
 towers: rows A against the column tiles of B, acc += G·B (∂x = t·G·y) or, TRANSPOSED, the
 tiles of Gᵀ (∂y = t·Gᵀ·x, rows are texts and the weights w those of the columns). Every output
@@ -18,7 +20,7 @@ import triton
 import triton.language as tl
 
 from .tiles import (BWD_CONFIGS, FWD_CONFIGS, accumulate_hb, dot_tile, load_out_tile, load_rows, out_columns,
-                    prune_configs, row_block)
+                    prune_configs, row_block, split_range)
 
 
 @triton.jit
@@ -36,15 +38,19 @@ def pair_terms(logit, positive):
     return loss, tl.where(positive, -sig, sig)
 
 
-@triton.autotune(configs=FWD_CONFIGS, key=["M_KEY", "N_KEY", "D", "PREC"], prune_configs_by={"early_config_prune": prune_configs})
+@triton.autotune(configs=FWD_CONFIGS, key=["M_KEY", "N_KEY", "D", "PREC", "SPLIT"],
+                 prune_configs_by={"early_config_prune": prune_configs})
 @triton.jit
 def siglip_fwd_kernel(
     X, stride_xm, stride_xd, Y, stride_ym, stride_yd,
     SCALE, BIAS, M, N, D, OFF, M_KEY, N_KEY,
-    LOSS, DSUM, DCOS,                      # (M,) fp32 outputs
+    LOSS, DSUM, DCOS,                      # (M,) fp32 outputs (one split)
+    W,                                     # (3, splits, M) partial sums (several splits)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, D_CHUNKS: tl.constexpr,
-    CAST_F32: tl.constexpr, PREC: tl.constexpr,
+    CAST_F32: tl.constexpr, PREC: tl.constexpr, SPLIT: tl.constexpr,
 ):
+    pid_s = tl.program_id(1)
+    n_split = tl.num_programs(1)
     rows, row_ok = row_block(tl.program_id(0), M, BLOCK_M)
     prow = rows + OFF  # the positive text of each row
     sc = tl.load(SCALE).to(tl.float32)
@@ -54,7 +60,8 @@ def siglip_fwd_kernel(
     gsum = tl.zeros((BLOCK_M,), dtype=tl.float32)
     gcos = tl.zeros((BLOCK_M,), dtype=tl.float32)
     local = tl.arange(0, BLOCK_N).to(tl.int64)
-    for t in range(0, tl.cdiv(N, BLOCK_N)):
+    t_start, t_stop = split_range(tl.cdiv(N, BLOCK_N), pid_s, n_split)
+    for t in range(t_start, t_stop):
         cols = t * BLOCK_N + local
         col_ok = cols < N
         dots, _b = dot_tile(X, stride_xm, stride_xd, rows, row_ok, Y, stride_ym, stride_yd, cols, col_ok,
@@ -65,9 +72,16 @@ def siglip_fwd_kernel(
         loss += tl.sum(tl.where(valid, lo, 0.0), 1)
         gsum += tl.sum(g, 1)
         gcos += tl.sum(g * dots, 1)
-    tl.store(LOSS + rows, loss, mask=row_ok)
-    tl.store(DSUM + rows, gsum, mask=row_ok)
-    tl.store(DCOS + rows, gcos, mask=row_ok)
+    if SPLIT:
+        base = W + pid_s.to(tl.int64) * M + rows
+        stride_k = n_split.to(tl.int64) * M
+        tl.store(base, loss, mask=row_ok)
+        tl.store(base + stride_k, gsum, mask=row_ok)
+        tl.store(base + 2 * stride_k, gcos, mask=row_ok)
+    else:
+        tl.store(LOSS + rows, loss, mask=row_ok)
+        tl.store(DSUM + rows, gsum, mask=row_ok)
+        tl.store(DCOS + rows, gcos, mask=row_ok)
 
 
 @triton.autotune(configs=BWD_CONFIGS, key=["R_KEY", "C_KEY", "D", "PREC", "TRANSPOSED"], prune_configs_by={"early_config_prune": prune_configs})
