@@ -150,6 +150,7 @@ BASELINE_SPILLS = {
     # (fp32 operands: 64-wide output chunks on a 64x32 tile, 4 warps). Kernel fixes, not gate
     # work: open.
     "self_bwd_row_side_kernel nolab D512 tf32 sm_80",  # 3.6.0: 52 B, 3.8.0: 40 B
+    "self_fwd_rows_kernel nolab D512 tf32 sm_80",  # 3.6.0: 4 B (2026-12-04: the fast forward, no top-1 / Σ P·s)
     "self_bwd_col_side_kernel nolab D512 fp16 sm_80",  # 3.8.0: 8 B (64x64 w8 s3, the 8-warp fallback; 3.6 not compiled)
     "self_bwd_col_side_kernel nolab D512 tf32 sm_80",  # 3.6.0: 84 B, 3.8.0: 76 B
     "siglip_bwd_kernel grad_x D512 tf32 sm_80",  # 3.6.0: 56 B, 3.8.0: 56 B
