@@ -208,6 +208,21 @@ inline T max_of(const T* s, int64_t n) {
   return m;
 }
 
+// The scalar pass of the two below: l += Σ exp(s − m), ps += Σ exp(s − m)·s over the c of
+// s[0, n) with keep(c).
+template <typename T, typename Keep>
+inline void exp_sums_scalar(const T* s, int64_t n, T m, T& l, T& ps, Keep keep) {
+  T tl = 0, tps = 0;
+  for (int64_t c = 0; c < n; ++c) {
+    if (!keep(c)) continue;
+    const T e = std::exp(s[c] - m);
+    tl += e;
+    tps += e * s[c];
+  }
+  l += tl;
+  ps += tps;
+}
+
 // l += Σ exp(s − m), ps += Σ exp(s − m)·s over s[0, n).
 template <typename T>
 inline void add_exp_sums(const T* s, int64_t n, T m, T& l, T& ps) {
@@ -222,14 +237,7 @@ inline void add_exp_sums(const T* s, int64_t n, T m, T& l, T& ps) {
     }
   }
 #endif
-  T tl = 0, tps = 0;
-  for (int64_t c = 0; c < n; ++c) {
-    const T e = std::exp(s[c] - m);
-    tl += e;
-    tps += e * s[c];
-  }
-  l += tl;
-  ps += tps;
+  exp_sums_scalar(s, n, m, l, ps, [](int64_t) { return true; });
 }
 
 // The backward passes take the raw tile h = u·vᵀ and form the logit s = h·sc (one rounding,
@@ -308,15 +316,7 @@ inline void add_where_label(const T* s, int64_t n, const int32_t* ids, int32_t i
 // decoupled logsumexp, positives left out (scalar: DCL is the rarer path).
 template <typename T>
 inline void add_exp_sums_except_label(const T* s, int64_t n, const int32_t* ids, int32_t id, T m, T& l, T& ps) {
-  T tl = 0, tps = 0;
-  for (int64_t c = 0; c < n; ++c) {
-    if (ids[c] == id) continue;
-    const T e = std::exp(s[c] - m);
-    tl += e;
-    tps += e * s[c];
-  }
-  l += tl;
-  ps += tps;
+  exp_sums_scalar(s, n, m, l, ps, [&](int64_t c) { return ids[c] != id; });
 }
 
 // h[c] = 0 where ids[c] == id: a decoupled row has no softmax weight at its positives.
