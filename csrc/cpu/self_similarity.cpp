@@ -115,7 +115,7 @@ void forward_impl(const Inputs& in, bool symmetric, acc_t* lse, acc_t* pos_sum, 
     // Per-row running state: max m, Σ exp(s - m), Σ exp(s - m)·s, positives, top-1.
     std::vector<acc_t> m(nr, neg_inf), l(nr, 0), ps(nr, 0), psum(nr, 0), cnt(nr, 0), best(nr, neg_inf);
     std::vector<char> best_is_pos(nr, 0);
-    std::vector<acc_t> scratch(kRowBlock * kRowBlock);
+    std::vector<acc_t> scratch(symmetric ? kRowBlock * kRowBlock : 0);
     for (int64_t c0 = 0; c0 < M; c0 += kColBlock) {
       const int64_t nc = std::min(kColBlock, M - c0);
       if (symmetric) {
@@ -227,31 +227,33 @@ void backward_local_impl(const Inputs& in, const acc_t* lse, const acc_t* a, con
   std::vector<acc_t> row_side(m_local * D, acc_t(0));
   std::mutex row_side_lock;
 
-  for_each_row_block<acc_t>(
-      M,
-      [&](int64_t c0, int64_t nc, std::vector<acc_t>& buf) {
-        acc_t* cacc = gp + c0 * D;  // the column side of this block: only this thread writes it
-        std::fill(cacc, cacc + nc * D, acc_t(0));
-        std::vector<acc_t> racc(m_local * D, acc_t(0));  // this block's share of the row side
-        for (int64_t b0 = 0; b0 < m_local; b0 += kRowBlock) {
-          const int64_t nr = std::min(kRowBlock, m_local - b0);
-          const acc_t* rows = up + (in.r0 + b0) * D;
-          cpu::gemm_tile(rows, nr, up + c0 * D, nc, D, acc_t(1), buf.data());  // the forward's tile
-          for (int64_t r = 0; r < nr; ++r) {
-            const int64_t o = b0 + r, i = in.r0 + o;
-            acc_t* h = buf.data() + r * nc;
-            row_ops::row_exp(h, nc, inv_tau, a[o], lse[o]);  // a_i P_ij
-            if (in.decoupled) row_ops::zero_where_label(h, nc, ids + c0, ids[i]);
-            row_ops::add_positive_weights(h, nc, ids + c0, ids[i], b[o], no_column_weights.data());
-            if (i >= c0 && i < c0 + nc) h[i - c0] = 0;
-          }
-          cpu::gemm_accumulate(buf.data(), nr, nc, up + c0 * D, D, inv_tau, racc.data() + b0 * D);
-          cpu::gemm_accumulate_transposed(buf.data(), nr, nc, rows, D, inv_tau, cacc);
+  const int64_t col_blocks = (M + kColBlock - 1) / kColBlock;
+  at::parallel_for(0, col_blocks, 1, [&](int64_t cb0, int64_t cb1) {
+    std::vector<acc_t> buf(kRowBlock * kColBlock);
+    std::vector<acc_t> racc(m_local * D, acc_t(0));  // this thread's share of the row side
+    for (int64_t cb = cb0; cb < cb1; ++cb) {
+      const int64_t c0 = cb * kColBlock, nc = std::min(kColBlock, M - c0);
+      acc_t* cacc = gp + c0 * D;  // the column side of this block: only this thread writes it
+      std::fill(cacc, cacc + nc * D, acc_t(0));
+      for (int64_t b0 = 0; b0 < m_local; b0 += kRowBlock) {
+        const int64_t nr = std::min(kRowBlock, m_local - b0);
+        const acc_t* rows = up + (in.r0 + b0) * D;
+        cpu::gemm_tile(rows, nr, up + c0 * D, nc, D, acc_t(1), buf.data());  // the forward's tile
+        for (int64_t r = 0; r < nr; ++r) {
+          const int64_t o = b0 + r, i = in.r0 + o;
+          acc_t* h = buf.data() + r * nc;
+          row_ops::row_exp(h, nc, inv_tau, a[o], lse[o]);  // a_i P_ij
+          if (in.decoupled) row_ops::zero_where_label(h, nc, ids + c0, ids[i]);
+          row_ops::add_positive_weights(h, nc, ids + c0, ids[i], b[o], no_column_weights.data());
+          if (i >= c0 && i < c0 + nc) h[i - c0] = 0;
         }
-        std::lock_guard<std::mutex> guard(row_side_lock);
-        for (int64_t x = 0; x < m_local * D; ++x) row_side[x] += racc[x];
-      },
-      kColBlock);
+        cpu::gemm_accumulate(buf.data(), nr, nc, up + c0 * D, D, inv_tau, racc.data() + b0 * D);
+        cpu::gemm_accumulate_transposed(buf.data(), nr, nc, rows, D, inv_tau, cacc);
+      }
+    }
+    std::lock_guard<std::mutex> guard(row_side_lock);
+    for (int64_t x = 0; x < m_local * D; ++x) row_side[x] += racc[x];
+  });
   acc_t* g_local = gp + in.r0 * D;
   for (int64_t x = 0; x < m_local * D; ++x) g_local[x] += row_side[x];
 }
