@@ -502,7 +502,8 @@ def task_list(mods, args):
         fb = t["fallback"]
         dv = t["variant"] in every_config_variants(t["kernel"])
         filt = (t["dtype_key"] in dtypes and t["D"] in dims and (fb or args.configs == "all")
-                and (dv or args.variants == "all"))
+                and (dv or args.variants == "all")
+                and (not args.variant_names or t["variant"] in args.variant_names.split(",")))
         if not filt:
             continue  # asked for by the command line: not listed as skipped
         (tasks if keep(args.matrix, t, fb, dv) else dropped).append((t, fb, dv))
@@ -1039,6 +1040,8 @@ def main(argv=None):
     ap.add_argument("--only", default="", help="comma-separated kernel names (default: all)")
     ap.add_argument("--configs", choices=("all", "fallback"), default="all")
     ap.add_argument("--variants", choices=("all", "default"), default="all")
+    ap.add_argument("--variant-names", default="", help="comma-separated variant names, e.g. queue+gk,inbatch+odd "
+                                                        "(default: every variant --variants allows)")
     ap.add_argument("--dtypes", default=",".join(DTYPES), help="subset of " + ",".join(DTYPES))
     ap.add_argument("--dims", default="128,512")
     ap.add_argument("--cache-dir", help="triton cache (default: a fresh temporary one, so times are real compiles)")

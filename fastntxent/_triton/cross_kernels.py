@@ -182,11 +182,34 @@ def cross_bwd_q_kernel(
     scale = tl.load(SCALE).to(tl.float32)
     a_r, b_r, lse_r, use_r = row_weights(GA, GB, LSE, rows, row_ok)
     d_out, dout_ok = out_columns(tl.program_id(2), D, BLOCK_DO)
+    if IN_BATCH:
+        acc = tl.zeros((BLOCK_M, BLOCK_DO), dtype=tl.float32)
+    else:
+        # The positive column, row by row (split 0): G_i,pos = a_i P_i,pos + b_i on k_{i+off};
+        # the same coefficient gives ∂k_{i+off} = scale·G_i,pos·q_i (each key row once). Taken
+        # before the sweep and before the row block loads: its key and query tiles are not live
+        # beside the accumulator and the row block (after the sweep they spilled 76-332 B, tf32).
+        first_split = pid_s == 0
+        s_pos = scale * row_dot(Q, stride_qm, stride_qd, rows, K, stride_km, stride_kd, prow, row_ok, D,
+                                 BLOCK_M, BLOCK_D, D_CHUNKS)
+        if DECOUPLED:  # the positive is not in the softmax
+            coef = b_r
+        else:
+            coef = tl.where(use_r, softmax_weight(a_r, s_pos, lse_r), 0.0) + b_r
+        coef = tl.where(first_split & row_ok, coef, 0.0)
+        out_ok = row_ok[:, None] & dout_ok[None, :]
+        kp = tl.load(K + prow[:, None] * stride_km + d_out[None, :] * stride_kd, mask=out_ok, other=0.0)
+        acc = coef[:, None] * kp.to(tl.float32)
+        if WRITE_GK:
+            qd = tl.load(Q + rows[:, None] * stride_qm + d_out[None, :] * stride_qd, mask=out_ok, other=0.0)
+            gk = (scale * coef)[:, None] * qd.to(tl.float32)
+            tl.store(GK + prow[:, None] * stride_gkm + d_out[None, :], gk.to(GK.dtype.element_ty),
+                     mask=out_ok & first_split)
+
     q = load_rows(Q, stride_qm, stride_qd, rows, row_ok, D, BLOCK_M, BLOCK_D, D_CHUNKS, CAST_F32)
     n_kt, n_qt = cross_tile_counts(N, NQ, BLOCK_N, IN_BATCH, HAS_QUEUE)
     t_start, t_stop = split_range(n_kt + n_qt, pid_s, n_split)
 
-    acc = tl.zeros((BLOCK_M, BLOCK_DO), dtype=tl.float32)
     local = tl.arange(0, BLOCK_N).to(tl.int64)
     if IN_BATCH:
         for t in range(t_start, tl.minimum(t_stop, n_kt)):
@@ -209,26 +232,6 @@ def cross_bwd_q_kernel(
                                 q, D, BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS, CAST_F32, PREC)
             b = load_out_tile(QU, stride_um, stride_ud, cols, col_ok, d_out, dout_ok, b, D_CHUNKS, CAST_F32)
             acc = grad_acc(acc, dots, scale, lse_r, a_r, use_r, col_ok[None, :], 0.0, b, H_BF16, PREC)
-
-    if not IN_BATCH:
-        # The positive column, row by row (split 0): G_i,pos = a_i P_i,pos + b_i on k_{i+off};
-        # the same coefficient gives ∂k_{i+off} = scale·G_i,pos·q_i (each key row once).
-        first_split = pid_s == 0
-        s_pos = scale * row_dot(Q, stride_qm, stride_qd, rows, K, stride_km, stride_kd, prow, row_ok, D,
-                                 BLOCK_M, BLOCK_D, D_CHUNKS)
-        if DECOUPLED:  # the positive is not in the softmax
-            coef = b_r
-        else:
-            coef = tl.where(use_r, softmax_weight(a_r, s_pos, lse_r), 0.0) + b_r
-        coef = tl.where(first_split & row_ok, coef, 0.0)
-        out_ok = row_ok[:, None] & dout_ok[None, :]
-        kp = tl.load(K + prow[:, None] * stride_km + d_out[None, :] * stride_kd, mask=out_ok, other=0.0)
-        acc += coef[:, None] * kp.to(tl.float32)
-        if WRITE_GK:
-            qd = tl.load(Q + rows[:, None] * stride_qm + d_out[None, :] * stride_qd, mask=out_ok, other=0.0)
-            gk = (scale * coef)[:, None] * qd.to(tl.float32)
-            tl.store(GK + prow[:, None] * stride_gkm + d_out[None, :], gk.to(GK.dtype.element_ty),
-                     mask=out_ok & first_split)
 
     store_grad(G, pid_s, stride_gs, rows, stride_gm, d_out, row_ok, dout_ok, acc * scale)
 

@@ -62,7 +62,11 @@ else:
         triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=3),
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 32}, num_warps=8, num_stages=3),
         triton.Config({"BLOCK_M": 64, "BLOCK_N": 128}, num_warps=8, num_stages=2),
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=1),  # fits any GPU
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=1),  # fits any GPU (exact fp32's)
+        # fits any GPU, with half the registers per thread of the 4-warp one: the fallback that
+        # holds the wide accumulators of fp32 (tf32) operands, the chunked-D output columns and
+        # the odd-D masks without spilling (the 4-warp one spilled 4-332 B there).
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=8, num_stages=1),
     ]
 
 # Exact fp32 ("ieee") products run on FMA units: a D chunk of at most EXACT_CHUNK_D and small
@@ -158,6 +162,10 @@ def prune_configs(configs, named_args, **kwargs):
 # twice the registers of 16-bit ones, so their column tiles stay ≤ 64 (64×128 on 8 warps
 # spilled 160 B on sm_90).
 MAX_BWD_REGS = 80
+# fp32 (tf32) operands: their row block and column tiles take twice the registers beside the
+# accumulator, so the budget is lower (at 80 — 64x32 w4 with 128 output columns — ptxas spilled
+# 36-76 B at D = 512 on sm_80, 128x32 w8 8-44 B at D = 128).
+MAX_BWD_REGS_FP32 = 64
 
 
 def acc_configs(configs, block_do: int, fp32_operands: bool = False):
@@ -166,7 +174,8 @@ def acc_configs(configs, block_do: int, fp32_operands: bool = False):
     def need(c):
         return c.kwargs["BLOCK_M"] * (block_do + c.kwargs["BLOCK_N"]) / (32 * c.num_warps)
 
-    fits = [c for c in configs if need(c) <= MAX_BWD_REGS and not (fp32_operands and c.kwargs["BLOCK_N"] > 64)]
+    budget = MAX_BWD_REGS_FP32 if fp32_operands else MAX_BWD_REGS
+    fits = [c for c in configs if need(c) <= budget and not (fp32_operands and c.kwargs["BLOCK_N"] > 64)]
     return fits or [min(configs, key=need)]
 
 
