@@ -90,15 +90,16 @@ PKG = "fastntxent_kernels"
 KERNEL_MODULE = {"self_fwd_kernel": "self_kernels", "self_bwd_kernel": "self_kernels",
                  "cross_fwd_kernel": "cross_kernels", "cross_bwd_q_kernel": "cross_kernels",
                  "cross_bwd_k_kernel": "cross_kernels",
-                 # the self family's local-rows form (distributed; launcher self_local_similarity.py)
-                 "self_fwd_rows_kernel": "self_local_kernels", "self_bwd_row_side_kernel": "self_local_kernels",
+                 # the self family's local-rows backward (distributed; launcher self_local_similarity.py;
+                 # its forward is self_fwd_kernel on the local rows)
+                 "self_bwd_row_side_kernel": "self_local_kernels",
                  "self_bwd_col_side_kernel": "self_local_kernels",
                  # SigLIP (launcher siglip.py)
                  "siglip_fwd_kernel": "siglip_kernels", "siglip_bwd_kernel": "siglip_kernels"}
 KERNELS = tuple(KERNEL_MODULE)
 KERNEL_FILES = ("tiles",) + tuple(dict.fromkeys(KERNEL_MODULE.values()))
 # Kernels added to the gate on 2026-12-03: the reduced matrix of `keep` (see MATRICES).
-NEW_KERNELS = ("self_fwd_rows_kernel", "self_bwd_row_side_kernel", "self_bwd_col_side_kernel",
+NEW_KERNELS = ("self_bwd_row_side_kernel", "self_bwd_col_side_kernel",
                "siglip_fwd_kernel", "siglip_bwd_kernel")
 # dtype/precision keys: (input dtype, fp32 precision asked for)
 DTYPES = {"bf16": ("bf16", None), "fp16": ("fp16", None), "tf32": ("fp32", "tf32"),
@@ -150,7 +151,6 @@ BASELINE_SPILLS = {
     # (fp32 operands: 64-wide output chunks on a 64x32 tile, 4 warps). Kernel fixes, not gate
     # work: open.
     "self_bwd_row_side_kernel nolab D512 tf32 sm_80",  # 3.6.0: 52 B, 3.8.0: 40 B
-    "self_fwd_rows_kernel nolab D512 tf32 sm_80",  # 3.6.0: 4 B (2026-12-04: the fast forward, no top-1 / Σ P·s)
     "self_bwd_col_side_kernel nolab D512 fp16 sm_80",  # 3.8.0: 8 B (64x64 w8 s3, the 8-warp fallback; 3.6 not compiled)
     "self_bwd_col_side_kernel nolab D512 tf32 sm_80",  # 3.6.0: 84 B, 3.8.0: 76 B
     "siglip_bwd_kernel grad_x D512 tf32 sm_80",  # 3.6.0: 56 B, 3.8.0: 56 B
@@ -266,13 +266,6 @@ VARIANTS = {
         "inbatch+dcl": dict(DECOUPLED=True),
     },
     # local rows: rank 1 of 2 (ROW0 = ROWS = M / 2)
-    "self_fwd_rows_kernel": {
-        "nolab": dict(HAS_LABELS=False, SPLIT=False, DECOUPLED=False, **FAST),
-        "nolab+all": dict(HAS_LABELS=False, SPLIT=False, DECOUPLED=False, **ALL),
-        "labels": dict(HAS_LABELS=True, SPLIT=False, DECOUPLED=False, **ALL),
-        "nolab+split": dict(HAS_LABELS=False, SPLIT=True, DECOUPLED=False, **ALL),
-        "labels+dcl": dict(HAS_LABELS=True, SPLIT=False, DECOUPLED=True, **ALL),
-    },
     "self_bwd_row_side_kernel": {
         "nolab": dict(HAS_LABELS=False, DECOUPLED=False),
         "labels": dict(HAS_LABELS=True, DECOUPLED=False),
@@ -303,7 +296,7 @@ def launch_args(kernel, variant, dt, D):
     if kernel == "self_fwd_kernel":
         return dict(U=P(dt), stride_um=D, stride_ud=1, TAU=f32,
                     LAB=P("i64") if "labels" in variant else f32,  # no labels: the dummy outs[0]
-                    M=M, D=D, period=M // 2, M_KEY=pow2(M),
+                    M=M, D=D, period=M // 2, ROW0=0, ROWS=M, M_KEY=pow2(M),
                     LSE=f32, POS_SUM=f32, POS_CNT=f32, PS_SUM=f32, TOP1=f32, W=f32)
     if kernel == "self_bwd_kernel":
         return dict(U=P(dt), stride_um=D, stride_ud=1, TAU=f32, LAB=P("i64") if "labels" in variant else f32,
@@ -330,10 +323,6 @@ def launch_args(kernel, variant, dt, D):
                     SCALE=f32, LSE=f32, GA=f32, GB=f32, N=N, M=M, D=D, OFF=0, M_KEY=pow2(N), C_KEY=pow2(M),
                     G=f32 if split else P(dt), stride_gs=N * D if split else 0, stride_gm=D)
     rows = M // 2  # local rows: rank 1 of 2
-    if kernel == "self_fwd_rows_kernel":
-        return dict(U=P(dt), stride_um=D, stride_ud=1, TAU=f32, LAB=P("i64") if "labels" in variant else f32,
-                    M=M, D=D, period=M // 2, ROW0=rows, ROWS=rows, M_KEY=pow2(M),
-                    LSE=f32, POS_SUM=f32, POS_CNT=f32, PS_SUM=f32, TOP1=f32, W=f32)
     if kernel == "self_bwd_row_side_kernel":  # the row side is an fp32 buffer (added into the column side)
         return dict(U=P(dt), stride_um=D, stride_ud=1, TAU=f32, LAB=P("i64") if "labels" in variant else f32,
                     LSE=f32, GA=f32, GB=f32, M=M, D=D, period=M // 2, ROW0=rows, ROWS=rows, M_KEY=pow2(M),

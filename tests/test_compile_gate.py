@@ -154,8 +154,8 @@ def test_exact_fp32_launches_keep_only_small_configs():
         if tiles.INTERPRETING:
             assert kept == configs
             continue
-        assert kept and all(c.kwargs["BLOCK_M"] <= 64 and c.kwargs["BLOCK_N"] <= 64 and c.num_warps <= 4
-                            for c in kept)
+        assert kept and all(c.kwargs["BLOCK_M"] <= 64 and c.kwargs["BLOCK_N"] <= 64 for c in kept)
+        assert all(c.num_warps <= 4 or c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 32 for c in kept)
         assert configs[-1] in kept  # the fallback config stays
         assert tiles.prune_configs(configs, {"U": u32}, PREC="tf32", CAST_F32=False) == configs
         assert tiles.prune_configs(configs, {"U": u16}, PREC="tf32", CAST_F32=False) == configs
@@ -215,14 +215,28 @@ def test_gate_rules():
 
 def test_backward_pruning_keeps_the_accumulator_in_registers():
     """tiles.acc_configs (what the gate compiles): wide output chunks keep only 8-warp configs,
-    and the gate's config list is the pruned one."""
+    and the gate's config list is the pruned one, with the fallback of the operand type."""
     code = ("import sys; sys.path.insert(0, '.ci'); import compile_triton as g; m = g.load_kernels(); t = m['tiles']; "
             "print(sorted({c.num_warps for c in t.acc_configs(t.BWD_CONFIGS, 256)}), "
             "len(t.acc_configs(t.BWD_CONFIGS, 128)) < len(t.BWD_CONFIGS), "
             "g.kept_configs(t, 'self_bwd_kernel', 'bf16', 512, 80) == "
-            "[t.BWD_CONFIGS.index(c) for c in t.acc_configs(t.BWD_CONFIGS, 256)], "
+            "[t.BWD_CONFIGS.index(c) for c in t.operand_fallback(t.acc_configs(t.BWD_CONFIGS, 256), False)], "
             "t.d_blocks(512, False), t.d_blocks(512, True))")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["[8]", "True", "True", "(64,", "8,", "256)", "(64,", "8,", "128)"], out.stdout
+
+
+def test_backward_fallback_follows_the_operand_type():
+    """One 8-warp fallback per operand type: `maxnreg` only where the operands are fp32
+    (tiles.FALLBACK_FP32); 16-bit kernels keep FALLBACK_16BIT; the forward is untouched."""
+    code = ("import sys; sys.path.insert(0, '.ci'); import compile_triton as g; m = g.load_kernels(); t = m['tiles']; "
+            "fb = lambda k, dt, D: t.BWD_CONFIGS[g.kept_configs(t, k, dt, D, 80)[-1]]; "
+            "print(*[fb(k, dt, D).maxnreg for k in ('self_bwd_kernel', 'cross_bwd_k_kernel') "
+            "for dt in ('bf16', 'fp16', 'tf32', 'ieee') for D in (128, 512)], "
+            "all(c.maxnreg is None for c in t.FWD_CONFIGS))")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == (["None"] * 4 + ["255"] * 4) * 2 + ["True"], out.stdout

@@ -3,11 +3,14 @@
 Pure Triton (see tiles.py): compiled ahead of time by .ci/compile_triton.py; launched by
 self_similarity.py, which documents the operators.
 
-Forward (`self_fwd_kernel`): one program per (row block, column split); it streams over its
-column tiles, s = (u_R · u_Cᵀ)/τ, and keeps per row an online max-subtracted logsumexp
-(exp2), Σ P·s rescaled with it, the positive sum and count, and the top-1 statistic
-(strictly-greater max, first index wins). With one split it writes the final row statistics;
-with several each writes its partial state to W (7, splits, M), merged on the host.
+Forward (`self_fwd_kernel`): one program per (row block, column split) of the rows
+[ROW0, ROW0 + ROWS) — every row (ROW0 = 0, ROWS = M), or a rank's local rows of the global
+batch (self_local_similarity.py: the diagonal of local row r is column ROW0 + r, labels global);
+it streams over its column tiles, s = (u_R · u_Cᵀ)/τ, and keeps per row an online
+max-subtracted logsumexp (exp2), Σ P·s rescaled with it, the positive sum and count, and the
+top-1 statistic (strictly-greater max, first index wins). With one split it writes the final
+row statistics (index r − ROW0); with several each writes its partial state to
+W (7, splits, ROWS), merged on the host.
 
 Backward (`self_bwd_kernel`): one program per (row block, column split, output D chunk); it
 recomputes each tile of s, builds H_kj = a_k e^{s−lse_k} + a_j e^{s−lse_j} + (b_k + b_j)[y_j = y_k]
@@ -39,9 +42,9 @@ def sim_tile(U, stride_um, stride_ud, rows, row_ok, cols, col_ok, q, D,
                  prune_configs_by={"early_config_prune": prune_configs})
 @triton.jit
 def self_fwd_kernel(
-    U, stride_um, stride_ud, TAU, LAB, M, D, period, M_KEY,
-    LSE, POS_SUM, POS_CNT, PS_SUM, TOP1,   # final outputs (one split)
-    W,                                     # (7, splits, M) partial states (several splits)
+    U, stride_um, stride_ud, TAU, LAB, M, D, period, ROW0, ROWS, M_KEY,
+    LSE, POS_SUM, POS_CNT, PS_SUM, TOP1,   # final outputs (ROWS,) (one split)
+    W,                                     # (7, splits, ROWS) partial states (several splits)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     D_CHUNKS: tl.constexpr, HAS_LABELS: tl.constexpr, SPLIT: tl.constexpr,
     CAST_F32: tl.constexpr, PREC: tl.constexpr, NEED_TOP1: tl.constexpr, NEED_PS: tl.constexpr,
@@ -51,8 +54,9 @@ def self_fwd_kernel(
     pid_s = tl.program_id(1)
     n_split = tl.num_programs(1)
 
-    rows, row_ok = row_block(pid_m, M, BLOCK_M)
-    r0 = pid_m * BLOCK_M  # int32: row and column counts stay below 2³¹ (the launcher's grid check)
+    out_rows, row_ok = row_block(pid_m, ROWS, BLOCK_M)  # output index r − ROW0
+    rows = ROW0 + out_rows                                # global row indices (int64)
+    r0 = ROW0 + pid_m * BLOCK_M  # int32: row and column counts stay below 2³¹ (the launcher's grid check)
     scale = 1.0 / tl.load(TAU).to(tl.float32)
     lab_r = labels_of(LAB, rows, row_ok, period, -1, HAS_LABELS)
 
@@ -128,8 +132,8 @@ def self_fwd_kernel(
                                                             BLOCK_N, False, HAS_LABELS, NEED_TOP1, NEED_PS)
 
     if SPLIT:
-        base = W + pid_s.to(tl.int64) * M + rows
-        stride_k = n_split.to(tl.int64) * M
+        base = W + pid_s.to(tl.int64) * ROWS + out_rows
+        stride_k = n_split.to(tl.int64) * ROWS
         tl.store(base, m_i, mask=row_ok)
         tl.store(base + stride_k, l_i, mask=row_ok)
         if NEED_PS:
@@ -143,13 +147,13 @@ def self_fwd_kernel(
         any_col = l_i > 0.0  # false only when M == 1
         l_safe = tl.where(any_col, l_i, 1.0)
         lse = tl.where(any_col, m_i + tl.log(l_safe), neg_inf)
-        tl.store(LSE + rows, lse, mask=row_ok)
+        tl.store(LSE + out_rows, lse, mask=row_ok)
         if NEED_PS:
-            tl.store(PS_SUM + rows, tl.where(any_col, ps_i / l_safe, 0.0), mask=row_ok)
-        tl.store(POS_SUM + rows, pos_i, mask=row_ok)
-        tl.store(POS_CNT + rows, cnt_i, mask=row_ok)
+            tl.store(PS_SUM + out_rows, tl.where(any_col, ps_i / l_safe, 0.0), mask=row_ok)
+        tl.store(POS_SUM + out_rows, pos_i, mask=row_ok)
+        tl.store(POS_CNT + out_rows, cnt_i, mask=row_ok)
         if NEED_TOP1:
-            tl.store(TOP1 + rows, best_pos, mask=row_ok)
+            tl.store(TOP1 + out_rows, best_pos, mask=row_ok)
 
 
 @triton.autotune(configs=BWD_CONFIGS, key=["M_KEY", "D", "PREC", "HAS_LABELS", "DECOUPLED"],

@@ -4,10 +4,8 @@ Pure Triton (see tiles.py), launched by self_local_similarity.py. Rows [ROW0, RO
 the global batch U (M, D) against all M columns; the diagonal of local row r is column ROW0 + r;
 labels are global (or i mod period of the global index).
 
-Forward (`self_fwd_rows_kernel`): one program per (local row block, column split), the online
-logsumexp sweep of self_kernels.py with the rows offset (top-1 only with NEED_TOP1, Σ P·s only
-with NEED_PS, as there); several splits write partial states W (7, splits, ROWS), merged on the
-host.
+Forward: the full batch's `self_fwd_kernel` (self_kernels.py) on the rows [ROW0, ROW0 + ROWS)
+(its mask-free interior tiles, top-1 and Σ P·s only when asked for).
 
 Backward: the gradient of every global row produced by the local rows only,
 G_ij = a_i e^{s_ij − lse_i} + b_i [y_j = y_i] (i local, j ≠ i), in two kernels that each
@@ -21,85 +19,8 @@ The launcher adds the row side into the local rows of the column side.
 import triton
 import triton.language as tl
 
-from .tiles import (BWD_CONFIGS, FWD_CONFIGS, accumulate_hb, decoupled_tile, dot_tile, labels_of, load_out_tile, load_rows,
-                    online_tile, out_columns, prune_configs, row_block, row_weights, softmax_weight, split_range,
-                    store_grad)
-
-
-@triton.autotune(configs=FWD_CONFIGS, key=["M_KEY", "D", "PREC", "HAS_LABELS", "SPLIT", "DECOUPLED", "NEED_TOP1",
-                                           "NEED_PS"],
-                 prune_configs_by={"early_config_prune": prune_configs})
-@triton.jit
-def self_fwd_rows_kernel(
-    U, stride_um, stride_ud, TAU, LAB, M, D, period, ROW0, ROWS, M_KEY,
-    LSE, POS_SUM, POS_CNT, PS_SUM, TOP1,   # final outputs (ROWS,) (one split)
-    W,                                     # (7, splits, ROWS) partial states (several splits)
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    D_CHUNKS: tl.constexpr, HAS_LABELS: tl.constexpr, SPLIT: tl.constexpr,
-    CAST_F32: tl.constexpr, PREC: tl.constexpr, DECOUPLED: tl.constexpr,
-    NEED_TOP1: tl.constexpr, NEED_PS: tl.constexpr,
-):
-    pid_s = tl.program_id(1)
-    n_split = tl.num_programs(1)
-
-    local, row_ok = row_block(tl.program_id(0), ROWS, BLOCK_M)
-    rows = ROW0 + local                                     # global indices (int64)
-    inv_tau = 1.0 / tl.load(TAU).to(tl.float32)
-    lab_r = labels_of(LAB, rows, row_ok, period, -1, HAS_LABELS)
-    q = load_rows(U, stride_um, stride_ud, rows, row_ok, D, BLOCK_M, BLOCK_D, D_CHUNKS, CAST_F32)
-
-    t_start, t_stop = split_range(tl.cdiv(M, BLOCK_N), pid_s, n_split)
-    neg_inf = float("-inf")
-    m_i = tl.full((BLOCK_M,), neg_inf, dtype=tl.float32)
-    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    ps_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    pos_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    cnt_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    best = tl.full((BLOCK_M,), neg_inf, dtype=tl.float32)
-    best_pos = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_n64 = offs_n.to(tl.int64)
-
-    for t in range(t_start, t_stop):
-        cols = t * BLOCK_N + offs_n64
-        col_ok = cols < M
-        dots, _k = dot_tile(U, stride_um, stride_ud, rows, row_ok, U, stride_um, stride_ud, cols, col_ok, q, D,
-                            BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS, CAST_F32, PREC)
-        s = dots * inv_tau
-        valid = col_ok[None, :] & (rows[:, None] != cols[None, :])
-        lab_c = labels_of(LAB, cols, col_ok, period, -2, HAS_LABELS)
-        pos = valid & (lab_r[:, None] == lab_c[None, :])
-        if DECOUPLED:
-            m_i, l_i, ps_i, best, best_pos = decoupled_tile(m_i, l_i, ps_i, best, best_pos, s, valid, pos, offs_n,
-                                                            BLOCK_N, NEED_TOP1, NEED_PS)
-        else:
-            m_i, l_i, ps_i, best, best_pos = online_tile(m_i, l_i, ps_i, best, best_pos, s, s, 1.0, valid, pos,
-                                                         offs_n, BLOCK_N, True, True, NEED_TOP1, NEED_PS)
-        pos_i += tl.sum(tl.where(pos, s, 0.0), 1)
-        cnt_i += tl.sum(pos.to(tl.float32), 1)
-
-    if SPLIT:
-        base = W + pid_s.to(tl.int64) * ROWS + local
-        stride_k = n_split.to(tl.int64) * ROWS
-        tl.store(base, m_i, mask=row_ok)
-        tl.store(base + stride_k, l_i, mask=row_ok)
-        if NEED_PS:
-            tl.store(base + 2 * stride_k, ps_i, mask=row_ok)
-        tl.store(base + 3 * stride_k, pos_i, mask=row_ok)
-        tl.store(base + 4 * stride_k, cnt_i, mask=row_ok)
-        if NEED_TOP1:
-            tl.store(base + 5 * stride_k, best, mask=row_ok)
-            tl.store(base + 6 * stride_k, best_pos, mask=row_ok)
-    else:
-        any_col = l_i > 0.0  # false only when M == 1 (decoupled: a row without a negative)
-        l_safe = tl.where(any_col, l_i, 1.0)
-        tl.store(LSE + local, tl.where(any_col, m_i + tl.log(l_safe), neg_inf), mask=row_ok)
-        if NEED_PS:
-            tl.store(PS_SUM + local, tl.where(any_col, ps_i / l_safe, 0.0), mask=row_ok)
-        tl.store(POS_SUM + local, pos_i, mask=row_ok)
-        tl.store(POS_CNT + local, cnt_i, mask=row_ok)
-        if NEED_TOP1:
-            tl.store(TOP1 + local, best_pos, mask=row_ok)
+from .tiles import (BWD_CONFIGS, accumulate_hb, dot_tile, labels_of, load_out_tile, load_rows, out_columns,
+                    prune_configs, row_block, row_weights, softmax_weight, split_range, store_grad)
 
 
 @triton.jit
@@ -154,7 +75,12 @@ def self_bwd_row_side_kernel(
     store_grad(G, pid_s, stride_gs, local, stride_gm, d_out, row_ok, dout_ok, acc * inv_tau)
 
 
-@triton.autotune(configs=BWD_CONFIGS, key=["M_KEY", "D", "PREC", "HAS_LABELS", "DECOUPLED"],
+# The column side sweeps BLOCK_N local rows per tile, whose row weights (a, b, lse, labels) it
+# loads per tile: with 128 of them (64x128 on 8 warps) sm_90 spilled 4-100 B (triton 3.8, 16-bit).
+COL_SIDE_CONFIGS = [c for c in BWD_CONFIGS if c.kwargs["BLOCK_N"] <= 64]
+
+
+@triton.autotune(configs=COL_SIDE_CONFIGS, key=["M_KEY", "D", "PREC", "HAS_LABELS", "DECOUPLED"],
                  prune_configs_by={"early_config_prune": prune_configs})
 @triton.jit
 def self_bwd_col_side_kernel(

@@ -8,7 +8,9 @@
 
 Same schema and meaning as the C++ operators (csrc/ops.cpp, csrc/cpu/self_similarity.cpp), plus
 the Triton-only `outputs` of the forward (as self_similarity.py's: an optional statistic left out
-is not computed and stays NaN); the kernels are in self_local_kernels.py. This file checks, poisons the outputs, picks the kernel
+is not computed and stays NaN). The forward is the full batch's kernel (self_kernels.py
+`self_fwd_kernel`) on the rows [row_start, row_stop); the backward kernels are in
+self_local_kernels.py. This file checks, poisons the outputs, picks the kernel
 flags and column splits, launches, merges split states and adds the row side of the gradient
 into the column side.
 """
@@ -20,8 +22,8 @@ import torch
 import triton
 
 from . import common
-from .self_local_kernels import self_bwd_col_side_kernel, self_bwd_row_side_kernel, self_fwd_rows_kernel
-from .self_similarity import _check, _prepare
+from .self_local_kernels import self_bwd_col_side_kernel, self_bwd_row_side_kernel
+from .self_similarity import _check, _prepare, forward_rows
 
 __all__ = ["self_forward_rows", "self_backward_rows"]
 
@@ -42,32 +44,9 @@ def _self_forward_rows_triton(
     _check(u, temperature, labels, rows_per_view)
     _check_rows(u, row_start, row_stop)
     u, tau, lab = _prepare(u, temperature, labels)
-    M, D = u.shape
     rows = row_stop - row_start
-    outs = [common.poisoned(rows, u.device) for _ in range(5)]
-    if rows == 0:
-        return tuple(outs)
-    flags = common.kernel_flags(u.dtype, D, common.device_capability(u.device))
-    splits = common.num_splits(rows, M, u.device, _MAX_SPLITS, SPLITS)
-    dummy = outs[0]
-    work = common.poisoned((7, splits, rows), u.device) if splits > 1 else dummy
-    common.check_grid((triton.cdiv(rows, 32), splits))
-    grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), splits)  # noqa: E731
-    with common.device_guard(u.device):
-        self_fwd_rows_kernel[grid](
-            u, u.stride(0), u.stride(1), tau, lab if lab is not None else dummy, M, D, rows_per_view, row_start, rows,
-            common.m_key(M), *outs, work,
-            BLOCK_D=flags.block_d, D_CHUNKS=flags.d_chunks, HAS_LABELS=lab is not None, SPLIT=splits > 1,
-            CAST_F32=flags.cast_f32, PREC=flags.prec, DECOUPLED=decoupled, **common.output_flags(outputs),
-        )
-    if splits == 1:
-        return tuple(outs)
-    m, l, ps, pos, cnt, best, best_pos = work.unbind(0)
-    lse, pos_sum, pos_count, expected_logit, top1 = outs
-    common.merge_splits(m, l, ps, best, best_pos, lse, expected_logit, top1)
-    torch.sum(pos, 0, out=pos_sum)
-    torch.sum(cnt, 0, out=pos_count)
-    return tuple(outs)
+    splits = common.num_splits(rows, u.shape[0], u.device, _MAX_SPLITS, SPLITS) if rows else 1
+    return forward_rows(u, tau, lab, rows_per_view, row_start, rows, splits, decoupled, outputs)
 
 
 @torch.library.custom_op("fastntxent::self_backward_rows_triton", mutates_args=())

@@ -64,26 +64,23 @@ def _splits(u: torch.Tensor) -> int:
     return common.num_splits(M, M, u.device, _MAX_SPLITS, SPLITS)
 
 
-@torch.library.custom_op("fastntxent::self_forward_triton", mutates_args=())
-def _self_forward_triton(
-    u: torch.Tensor, temperature: torch.Tensor, labels: Optional[torch.Tensor], rows_per_view: int,
-    decoupled: bool = False, outputs: int = 3,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    _check(u, temperature, labels, rows_per_view)
-    u, tau, lab = _prepare(u, temperature, labels)
+def forward_rows(u: torch.Tensor, tau: torch.Tensor, lab: Optional[torch.Tensor], rows_per_view: int,
+                 row_start: int, rows: int, splits: int, decoupled: bool, outputs: int):
+    """The five row statistics of rows [row_start, row_start + rows) of u (M, D) against all M
+    columns (the whole batch: row_start = 0, rows = M; a rank's local rows otherwise), each
+    (rows,) float32, poisoned first; `splits` column splits, merged here."""
     M, D = u.shape
-    outs = [common.poisoned(M, u.device) for _ in range(5)]
-    if M == 0:
+    outs = [common.poisoned(rows, u.device) for _ in range(5)]
+    if rows == 0:
         return tuple(outs)
     flags = common.kernel_flags(u.dtype, D, common.device_capability(u.device))
-    splits = _splits(u)
     dummy = outs[0]
-    work = common.poisoned((7, splits, M), u.device) if splits > 1 else dummy
-    common.check_grid((triton.cdiv(M, 32), splits))
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), splits)  # noqa: E731
+    work = common.poisoned((7, splits, rows), u.device) if splits > 1 else dummy
+    common.check_grid((triton.cdiv(rows, 32), splits))
+    grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), splits)  # noqa: E731
     with common.device_guard(u.device):
         self_fwd_kernel[grid](
-            u, u.stride(0), u.stride(1), tau, lab if lab is not None else dummy, M, D, rows_per_view,
+            u, u.stride(0), u.stride(1), tau, lab if lab is not None else dummy, M, D, rows_per_view, row_start, rows,
             common.m_key(M), *outs, work,
             BLOCK_D=flags.block_d, D_CHUNKS=flags.d_chunks, HAS_LABELS=lab is not None, SPLIT=splits > 1,
             CAST_F32=flags.cast_f32, PREC=flags.prec, DECOUPLED=decoupled, **common.output_flags(outputs),
@@ -96,6 +93,17 @@ def _self_forward_triton(
     torch.sum(pos, 0, out=pos_sum)
     torch.sum(cnt, 0, out=pos_count)
     return tuple(outs)
+
+
+@torch.library.custom_op("fastntxent::self_forward_triton", mutates_args=())
+def _self_forward_triton(
+    u: torch.Tensor, temperature: torch.Tensor, labels: Optional[torch.Tensor], rows_per_view: int,
+    decoupled: bool = False, outputs: int = 3,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    _check(u, temperature, labels, rows_per_view)
+    u, tau, lab = _prepare(u, temperature, labels)
+    M = u.shape[0]
+    return forward_rows(u, tau, lab, rows_per_view, 0, M, _splits(u), decoupled, outputs)
 
 
 @torch.library.custom_op("fastntxent::self_backward_triton", mutates_args=())

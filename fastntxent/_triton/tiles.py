@@ -44,6 +44,7 @@ CHUNK_DO = {"16bit": 256, "fp32": 128}
 if INTERPRETING:
     FWD_CONFIGS = [triton.Config({"BLOCK_M": INTERP_BLOCK_M, "BLOCK_N": INTERP_BLOCK_N}, num_warps=4, num_stages=1)]
     BWD_CONFIGS = list(FWD_CONFIGS)
+    FALLBACK_16BIT = FALLBACK_FP32 = None  # (the GPU's backward fallbacks, below)
 else:
     # At most 32 similarities per thread (BLOCK_M·BLOCK_N / threads): the 64-per-thread tiles
     # (128x128 w8, 128x64 w4, 64x128 w4) reached 255 registers and spilled 32-400 B in the
@@ -62,12 +63,17 @@ else:
         triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=3),
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 32}, num_warps=8, num_stages=3),
         triton.Config({"BLOCK_M": 64, "BLOCK_N": 128}, num_warps=8, num_stages=2),
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=1),  # fits any GPU (exact fp32's)
-        # fits any GPU, with half the registers per thread of the 4-warp one: the fallback that
-        # holds the wide accumulators of fp32 (tf32) operands, the chunked-D output columns and
-        # the odd-D masks without spilling (the 4-warp one spilled 4-332 B there).
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=8, num_stages=1),
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=1),  # fits any GPU
     ]
+    # The fallback: fits any GPU, with half the registers per thread of 64x32 on 4 warps, which
+    # spilled 4-332 B with the wide accumulators of fp32 (tf32) operands, the chunked-D output
+    # columns and the odd-D masks. Twice, one kept per operand type (`operand_fallback`):
+    # ptxas held fp32-operand kernels to 128 registers and spilled 20-24 B unless told it may
+    # take 255 (`maxnreg`), while that bound made 16-bit ones spill 16-24 B at 255 registers
+    # where they fit in 174-179 without it (triton 3.8, sm_80/sm_90, D = 512).
+    FALLBACK_16BIT = triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=8, num_stages=1)
+    FALLBACK_FP32 = triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=8, num_stages=1, maxnreg=255)
+    BWD_CONFIGS += [FALLBACK_16BIT, FALLBACK_FP32]
 
 # Exact fp32 ("ieee") products run on FMA units: a D chunk of at most EXACT_CHUNK_D and small
 # tiles keep their operands in registers (wider chunks spill kilobytes per thread), and the
@@ -129,13 +135,14 @@ def flags_for(dtype: str, fp32_precision: str, D: int, capability) -> dict:
 def prune_configs(configs, named_args, **kwargs):
     """Autotune pruning before anything compiles:
     - exact fp32 products (EXACT, on FMA units) keep only the configs with tiles of at most
-      64×64 and 4 warps, which hold their operands in registers (the larger ones spill
+      64×64 (`exact_configs`), which hold their operands in registers (the larger ones spill
       kilobytes per thread and take minutes to compile);
     - a forward with fp32 (tf32) operands keeps the configs whose row block takes ≤ 64
       registers per thread, and with the top-1 statistic only the 4-warp ones;
+    - a forward with the top-1 statistic drops 64×64 on 4 warps;
     - a backward (BLOCK_DO given) keeps the configs whose fp32 gradient accumulator
       and score tile fit in registers (`acc_configs`, MAX_BWD_REGS): the wide output chunks
-      of the chunked-D backward need 8 warps.
+      of the chunked-D backward need 8 warps; and the fallback of its operand type.
     `EXACT` is not a kernel argument: the launchers pass it through `PREC`/`CAST_F32`."""
     exact = (kwargs.get("PREC", named_args.get("PREC")) in ("ieee", "tf32x3")
              and not INTERPRETING and _fp32_operands(named_args, kwargs))
@@ -149,10 +156,24 @@ def prune_configs(configs, named_args, **kwargs):
         # A forward without a NEED_TOP1 argument counts as with.
         kept = [c for c in kept if c.kwargs["BLOCK_M"] * int(block_d) <= 64 * 32 * c.num_warps
                 and not (kwargs.get("NEED_TOP1", named_args.get("NEED_TOP1", True)) and c.num_warps > 4)] or kept[-1:]
+    if "BLOCK_DO" not in kwargs and not INTERPRETING and kwargs.get("NEED_TOP1", False):
+        # Forward with the top-1 statistic: no 64x64 tile on 4 warps (32 similarities per thread
+        # beside a 64-row block: 255 registers and 4-76 B of spill on sm_80).
+        kept = [c for c in kept if not (c.kwargs["BLOCK_M"] == 64 and c.kwargs["BLOCK_N"] == 64
+                                        and c.num_warps == 4)] or kept[-1:]
     block_do = kwargs.get("BLOCK_DO", named_args.get("BLOCK_DO"))
     if block_do is not None and not INTERPRETING and not exact:
         kept = acc_configs(kept, int(block_do), _fp32_operands(named_args, kwargs))
+    if not INTERPRETING:
+        kept = operand_fallback(kept, _fp32_operands(named_args, kwargs))
     return kept
+
+
+def operand_fallback(configs, fp32_operands: bool):
+    """`configs` without the backward fallback of the other operand type (FALLBACK_16BIT /
+    FALLBACK_FP32; see BWD_CONFIGS)."""
+    other = FALLBACK_16BIT if fp32_operands else FALLBACK_FP32
+    return [c for c in configs if c is not other] or configs
 
 
 # fp32 registers per thread the backward's gradient accumulator and score tile may take,
@@ -180,8 +201,10 @@ def acc_configs(configs, block_do: int, fp32_operands: bool = False):
 
 
 def exact_configs(configs):
-    """The configs an exact-fp32 launch may use (see prune_configs)."""
-    small = [c for c in configs if c.kwargs["BLOCK_M"] <= 64 and c.kwargs["BLOCK_N"] <= 64 and c.num_warps <= 4]
+    """The configs an exact-fp32 launch may use (see prune_configs): tiles of at most 64×64 on
+    4 warps, and 64×32 on 8 (half the registers per thread: the backward's fallback there)."""
+    small = [c for c in configs if c.kwargs["BLOCK_M"] <= 64 and c.kwargs["BLOCK_N"] <= 64
+             and (c.num_warps <= 4 or c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 32)]
     return small or configs[-1:]
 
 
