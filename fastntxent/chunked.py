@@ -41,6 +41,12 @@ What is not the unchunked computation:
   state is what phase 1 and the loss left (the re-runs happen under ``torch.random.fork_rng``),
   as after a plain forward and backward of the chunks.
 
+Augmenting on the fly (``transform=``): the encoder call of a chunk can start from the raw
+images, ``encoder(transform(raw[c]))``; the random state restored for the re-run makes it
+draw the same views, so the augmented views of the whole batch are never held (tested).
+A ``target_encoder`` (MoCo's key encoder) runs in phase 1 on the very arguments the encoder
+got, so it sees the same views.
+
 Memory: the activations of one chunk at a time, plus the embeddings and their gradients
 (O(M·D) per view) and the loss's own O(M·D). Time: one extra forward of the encoder.
 
@@ -60,7 +66,7 @@ is a plain function over DDP-less modules gets local gradients: all-reduce them 
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Sequence, Union
+from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -118,12 +124,38 @@ def _encoders(encoder, n_views: int) -> list:
     return encs
 
 
+def _transforms(transform, n_views: int) -> list:
+    """transform -> one callable (or None: the identity) per view."""
+    ts = list(transform) if isinstance(transform, (list, tuple)) else [transform] * n_views
+    if len(ts) != n_views:
+        raise ValueError(f"transform: {len(ts)} transforms given for {n_views} views (pass one shared by "
+                         "all views, or one per view)")
+    for t in ts:
+        if t is not None and not callable(t):
+            raise ValueError(f"transform must be callable or None, got {type(t).__name__}")
+    return ts
+
+
 def _slice(args: tuple, sl: slice) -> tuple:
     return tuple(a[sl] if isinstance(a, torch.Tensor) and a.dim() > 0 else a for a in args)
 
 
-def _concat_args(views: list[tuple], sl: slice) -> tuple:
-    """The views' chunk `sl` concatenated argument by argument (concat_views=True)."""
+def _transformed(transform, args: tuple, rows: int, where: str) -> tuple:
+    """A view's chunk of encoder arguments through its transform (None: as is)."""
+    if transform is None:
+        return args
+    out = transform(*args)
+    out = tuple(out) if isinstance(out, (tuple, list)) else (out,)
+    sizes = {a.shape[0] for a in out if isinstance(a, torch.Tensor) and a.dim() > 0}
+    if sizes != {rows}:
+        raise ValueError(f"transform returned batch sizes {sorted(sizes)} for a chunk of {rows} rows ({where}); "
+                         "it must return the chunk's rows, transformed")
+    return out
+
+
+def _concat_args(views: list[tuple]) -> tuple:
+    """One call's arguments from several views' chunks, concatenated argument by argument
+    (concat_views=True)."""
     n = len(views[0])
     if any(len(v) != n for v in views):
         raise ValueError("inputs: with concat_views=True every view must pass the encoder the same "
@@ -132,7 +164,7 @@ def _concat_args(views: list[tuple], sl: slice) -> tuple:
     for j in range(n):
         parts = [v[j] for v in views]
         if all(isinstance(p, torch.Tensor) and p.dim() > 0 for p in parts):
-            out.append(torch.cat([p[sl] for p in parts]))
+            out.append(torch.cat(parts))
         elif any(isinstance(p, torch.Tensor) and p.dim() > 0 for p in parts):
             raise ValueError(f"inputs: argument {j} is a batched tensor in some views only")
         else:
@@ -186,9 +218,11 @@ _NORM_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 
 
 class _NormBufferGuard:
-    """Saves the running statistics of every norm layer in training mode that runs inside the
-    block (found in the given modules up front, and by a global forward pre-hook for those a
-    plain function calls) and puts them back on exit."""
+    """Puts back the running statistics of the norm layers in training mode that a no-grad
+    pass updates: those found in the given modules (saved up front) and, inside ``watch()``,
+    any other that runs (a global forward pre-hook: norm layers a plain function calls).
+    ``restore()`` copies the saved values back. Norm layers that run outside ``watch()``
+    (a target encoder's) keep their updates."""
 
     def __init__(self, modules):
         self.saved: dict[int, tuple[nn.Module, dict]] = {}
@@ -205,17 +239,19 @@ class _NormBufferGuard:
             return
         self.saved[id(m)] = (m, {n: b.detach().clone() for n, b in bufs.items()})
 
-    def __enter__(self):
-        self._hook = nn.modules.module.register_module_forward_pre_hook(lambda m, args: self._save(m))
-        return self
+    @contextlib.contextmanager
+    def watch(self):
+        hook = nn.modules.module.register_module_forward_pre_hook(lambda m, args: self._save(m))
+        try:
+            yield
+        finally:
+            hook.remove()
 
-    def __exit__(self, *exc):
-        self._hook.remove()
+    def restore(self) -> None:
         with torch.no_grad():
             for m, bufs in self.saved.values():
                 for n, b in bufs.items():
                     getattr(m, n).copy_(b)
-        return False
 
 
 def _is_ddp(e) -> bool:
@@ -223,31 +259,67 @@ def _is_ddp(e) -> bool:
 
 
 # -- phases ---------------------------------------------------------------------------------
-def _plan(views, encs, chunk_size: int, concat_views: bool):
-    """The encoder calls in order: (encoder, arguments, [(view, rows), ...])."""
+class _Call(NamedTuple):
+    """One encoder call: the encoder and, for each view it embeds (several with concat_views),
+    (view, rows, the view's chunk of the encoder's arguments, before the transform)."""
+    encoder: Callable
+    chunks: list
+
+    @property
+    def parts(self) -> list[tuple[int, int]]:
+        return [(v, r) for v, r, _ in self.chunks]
+
+    @property
+    def rows(self) -> int:
+        return sum(r for _, r, _ in self.chunks)
+
+
+def _plan(views, encs, chunk_size: int, concat_views: bool) -> list[_Call]:
+    """The encoder calls in order: per chunk (all views in one call), or per view, then chunk."""
     n = next(a.shape[0] for a in views[0] if isinstance(a, torch.Tensor) and a.dim() > 0)
     slices = [slice(s, min(s + chunk_size, n)) for s in range(0, n, chunk_size)]
     if concat_views:
         if any(e is not encs[0] for e in encs):
             raise ValueError("encoder: concat_views=True runs one shared encoder on all views at once; "
                              "pass a single encoder")
-        return [(encs[0], _concat_args(views, sl), [(v, sl.stop - sl.start) for v in range(len(views))])
+        return [_Call(encs[0], [(v, sl.stop - sl.start, _slice(views[v], sl)) for v in range(len(views))])
                 for sl in slices]
-    return [(encs[v], _slice(views[v], sl), [(v, sl.stop - sl.start)])
+    return [_Call(encs[v], [(v, sl.stop - sl.start, _slice(views[v], sl))])
             for v in range(len(views)) for sl in slices]
 
 
-def _embed(plan, devices, save_rng: bool):
-    """Phase 1: (per-view lists of embedding chunks, per-call RNG states)."""
+def _arguments(call: _Call, transforms, where: str) -> tuple:
+    """The call's encoder arguments: each view's chunk through that view's transform, the
+    views concatenated argument by argument when the call holds several."""
+    args = [_transformed(transforms[v], a, r, where) for v, r, a in call.chunks]
+    return args[0] if len(args) == 1 else _concat_args(args)
+
+
+def _collect(per_view: dict, call: _Call, out, where: str) -> None:
+    """Appends a call's (rows, ...) output to per_view[v], split by view."""
+    out = _embedding(out, call.rows, where)
+    for (v, _), piece in zip(call.parts, out.split([r for _, r in call.parts])):
+        per_view.setdefault(v, []).append(piece)
+
+
+def _embed(plan, transforms, devices, save_rng: bool, guard=None, target=None):
+    """Phase 1, without autograd: (per-view lists of embedding chunks, per-view lists of the
+    target encoder's outputs, per-call RNG states). The transform and the encoder run inside
+    ``guard.watch()``, the target encoder after them, outside it."""
     per_view: dict[int, list] = {}
+    per_target: dict[int, list] = {}
     states = []
+    watch = guard.watch if guard is not None else contextlib.nullcontext
     with torch.no_grad():
-        for i, (enc, args, parts) in enumerate(plan):
+        for i, call in enumerate(plan):
             states.append(_rng_state(devices) if save_rng else None)
-            out = _embedding(enc(*args), sum(r for _, r in parts), f"call {i}")
-            for (v, r), piece in zip(parts, out.split([r for _, r in parts])):
-                per_view.setdefault(v, []).append(piece)
-    return per_view, states
+            with watch():
+                args = _arguments(call, transforms, f"call {i}")
+                _collect(per_view, call, call.encoder(*args), f"call {i}")
+            if target is not None:
+                _collect(per_target, call, target(*args), f"call {i}, target_encoder")
+            del args
+    return per_view, per_target, states
 
 
 def _split_loss(out):
@@ -270,7 +342,8 @@ def _detached(x):
 
 def chunked_backward(encoder: Union[Callable, Sequence[Callable]], inputs: Inputs,
                      loss_fn: Callable, chunk_size: int, *, concat_views: bool = False,
-                     preserve_rng_state: bool = True):
+                     transform: Union[None, Callable, Sequence[Optional[Callable]]] = None,
+                     target_encoder: Optional[Callable] = None, preserve_rng_state: bool = True):
     """``loss_fn(*embeddings).backward()`` with the encoder run ``chunk_size`` samples at a
     time: parameter gradients of the whole batch, activation memory of one chunk.
 
@@ -285,7 +358,8 @@ def chunked_backward(encoder: Union[Callable, Sequence[Callable]], inputs: Input
             same samples (same batch size). A single view with several arguments is
             ``[(ids, mask)]``.
         loss_fn: ``loss_fn(z_view0, z_view1, ...)`` on the full batch's embeddings (in input
-            order) → a scalar loss, or a tuple ``(loss, stats, ...)`` (e.g. a fastntxent loss
+            order; with ``target_encoder``, its outputs follow: ``loss_fn(z_0, z_1, t_0, t_1)``)
+            → a scalar loss, or a tuple ``(loss, stats, ...)`` (e.g. a fastntxent loss
             with ``return_stats=True``). Anything else it needs (labels, MoCo's keys and
             queue) it closes over; its own parameters (a learnable temperature) get their
             gradient.
@@ -297,8 +371,24 @@ def chunked_backward(encoder: Union[Callable, Sequence[Callable]], inputs: Input
             call ``model(torch.cat([x1, x2]))``): BatchNorm then normalises over both views of
             the chunk's samples, and a chunk_size >= the batch is exactly the unchunked
             ``model(torch.cat([x1, x2]))``. Default: one call per view per chunk.
+        transform: applied to each view's chunk right before the encoder, in both passes:
+            ``transform(*chunk_args)`` → the encoder's arguments for the same rows (a tensor
+            or a tuple; with concat_views each view is transformed, then concatenated). One
+            callable shared by all views, or a list with one per view (None: as is). For
+            data augmentation on the fly: the inputs are the raw batch, once per view
+            (``[raw, raw]``), and only one chunk's augmented views ever exist; the re-run
+            starts from the chunk's saved random state, so it draws the first pass's views
+            bit for bit, as long as the transform draws from torch's global CPU / CUDA
+            generators (``torch.rand``, not a ``torch.Generator`` of its own or NumPy).
+        target_encoder: a second encoder run without gradient, once per call in the first
+            pass, right after ``encoder`` on the same (transformed) arguments: MoCo's
+            momentum key encoder or BYOL's target network seeing exactly the views the
+            encoder sees. Its (rows, D') outputs, per view, are passed to ``loss_fn`` after
+            the embeddings, without gradient. It runs once per chunk, so its norm layers
+            update their running statistics once per chunk and keep them.
         preserve_rng_state: restore each chunk's random state for its re-run (needed for
-            exact gradients with dropout; on by default, as in torch.utils.checkpoint).
+            exact gradients with dropout or a random transform; on by default, as in
+            torch.utils.checkpoint).
 
     Returns what ``loss_fn`` returns, detached: the loss, or ``(loss, stats, ...)``.
 
@@ -315,20 +405,28 @@ def chunked_backward(encoder: Union[Callable, Sequence[Callable]], inputs: Input
     chunk_size = _check_chunk_size(chunk_size)
     if not callable(loss_fn):
         raise ValueError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+    if target_encoder is not None and not callable(target_encoder):
+        raise ValueError(f"target_encoder must be callable or None, got {type(target_encoder).__name__}")
     views = _views(inputs)
     encs = _encoders(encoder, len(views))
+    transforms = _transforms(transform, len(views))
     plan = _plan(views, encs, chunk_size, concat_views)
     modules = _modules(encs)
     devices = _cuda_devices(views, modules) if preserve_rng_state else []
 
     # 1. embeddings without autograd; norm-layer running statistics left as they were
-    with _NormBufferGuard(modules):
-        per_view, states = _embed(plan, devices, preserve_rng_state)
+    guard = _NormBufferGuard(modules)
+    try:
+        per_view, per_target, states = _embed(plan, transforms, devices, preserve_rng_state, guard,
+                                              target_encoder)
+    finally:
+        guard.restore()
     z = [torch.cat(per_view[v]).requires_grad_(True) for v in range(len(views))]
-    del per_view
+    targets = [torch.cat(per_target[v]) for v in range(len(views))] if target_encoder is not None else []
+    del per_view, per_target
 
     # 2. the loss on the full batch, its gradient for every embedding (and the loss's parameters)
-    out = loss_fn(*z)
+    out = loss_fn(*z, *targets)
     loss, rest = _split_loss(out)
     if loss.dim() != 0:
         raise ValueError(f"loss_fn must return a scalar (0-dim) loss, got shape {tuple(loss.shape)} "
@@ -338,16 +436,16 @@ def chunked_backward(encoder: Union[Callable, Sequence[Callable]], inputs: Input
     loss.backward()
     grads = [t.grad for t in z]
     result = (loss.detach(),) + _detached(rest) if rest is not None else loss.detach()
-    del out, loss, rest, z
+    del out, loss, rest, z, targets
 
     # 3. each chunk again with autograd, its random state restored, the cached gradient pushed in
-    last_call = {id(enc): i for i, (enc, _, parts) in enumerate(plan)
-                 if any(grads[v] is not None for v, _ in parts)}
+    last_call = {id(call.encoder): i for i, call in enumerate(plan)
+                 if any(grads[v] is not None for v, _ in call.parts)}
     offsets = [0] * len(views)
     with torch.random.fork_rng(devices=devices, enabled=preserve_rng_state):
-        for i, (enc, args, parts) in enumerate(plan):
-            g = []
-            for v, r in parts:
+        for i, call in enumerate(plan):
+            enc, g = call.encoder, []
+            for v, r in call.parts:
                 gv = grads[v]
                 g.append(None if gv is None else gv[offsets[v]:offsets[v] + r])
                 offsets[v] += r
@@ -359,28 +457,30 @@ def chunked_backward(encoder: Union[Callable, Sequence[Callable]], inputs: Input
             with sync:
                 if preserve_rng_state:
                     _set_rng_state(states[i], devices)
-                emb = _embedding(enc(*args), sum(r for _, r in parts), f"call {i}, re-run")
+                emb = _embedding(enc(*_arguments(call, transforms, f"call {i}, re-run")), call.rows,
+                                 f"call {i}, re-run")
                 if not emb.requires_grad:
                     continue  # nothing trainable in this encoder
                 g = torch.cat([x if x is not None else torch.zeros((r,) + emb.shape[1:], dtype=emb.dtype,
                                                                    device=emb.device)
-                               for x, (_, r) in zip(g, parts)])
+                               for x, (_, r) in zip(g, call.parts)])
                 emb.backward(g.to(emb.dtype))
             del emb, g
     return result
 
 
 def chunked_forward(encoder: Union[Callable, Sequence[Callable]], inputs: Inputs, chunk_size: int, *,
-                    concat_views: bool = False):
+                    concat_views: bool = False,
+                    transform: Union[None, Callable, Sequence[Optional[Callable]]] = None):
     """The embeddings of the batch computed ``chunk_size`` samples at a time without autograd
-    (MoCo's key encoder, evaluation). Same ``encoder`` / ``inputs`` / ``concat_views`` as
-    ``chunked_backward``; returns a tensor when ``inputs`` is a tensor, else a list with one
-    (M, D) tensor per view. Norm layers in training mode update their running statistics once
-    per chunk (a single pass)."""
+    (MoCo's key encoder, evaluation). Same ``encoder`` / ``inputs`` / ``concat_views`` /
+    ``transform`` as ``chunked_backward`` (one pass: a random transform draws each chunk's
+    views once, from the global generators); returns a tensor when ``inputs`` is a tensor,
+    else a list with one (M, D) tensor per view. Norm layers in training mode update their
+    running statistics once per chunk (a single pass)."""
     chunk_size = _check_chunk_size(chunk_size)
     views = _views(inputs)
     plan = _plan(views, _encoders(encoder, len(views)), chunk_size, concat_views)
-    per_view, _ = _embed(plan, [], False)
+    per_view, _, _ = _embed(plan, _transforms(transform, len(views)), [], False)
     out = [torch.cat(per_view[v]) for v in range(len(views))]
     return out[0] if isinstance(inputs, torch.Tensor) else out
-

@@ -346,6 +346,115 @@ def test_cpu_bf16_autocast(chunk):
         assert_rel_close(plain_bf16[k], g, 2e-2, k)
 
 
+class _Recorder:
+    """A random transform (per-row noise from the global generator, as an augmentation
+    draws it) that records every chunk it makes: (grad enabled?, input rows, output)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, x):
+        out = x + torch.randn_like(x)
+        self.calls.append((torch.is_grad_enabled(), x.shape[0], out.detach().clone()))
+        return out
+
+    def made(self, grad: bool) -> list:
+        return [out for g, _, out in self.calls if g == grad]
+
+
+@pytest.mark.parametrize("concat_views", [False, True])
+@pytest.mark.parametrize("chunk", [3, 4, N])
+def test_transform_per_chunk_same_views_in_both_passes(chunk, concat_views):
+    """Augmentation on the fly: the inputs are the raw batch (once per view), the transform
+    makes each chunk's view in the no-grad pass and again in the re-run: bit for bit the same
+    views (the chunk's random state restored), one chunk's at a time; the gradients are those
+    of the unchunked loss on the views the first pass made."""
+    enc = _mlp()
+    raw = _views(views=1)[0]
+    t = _Recorder()
+    loss_fn = lambda z1, z2: fx.nt_xent(z1, z2, 0.5)  # noqa: E731
+    torch.manual_seed(3)
+    loss = chunked_backward(enc, [raw, raw], loss_fn, chunk, concat_views=concat_views, transform=t)
+    got = _grads(enc)
+    first, rerun = t.made(grad=False), t.made(grad=True)
+    assert len(first) == len(rerun) == 2 * -(-N // chunk)
+    assert all(torch.equal(a, b) for a, b in zip(first, rerun))
+    assert max(rows for _, rows, _ in t.calls) <= chunk
+    # the views of the first pass, per view (call order: per chunk both views, or per view)
+    per_view = [first[0::2], first[1::2]] if concat_views else [first[:len(first) // 2], first[len(first) // 2:]]
+    v1, v2 = (torch.cat(p) for p in per_view)
+    assert not torch.equal(v1, v2)  # (two different views of the same rows)
+    _zero(enc)
+    expected_loss = loss_fn(enc(v1), enc(v2))
+    expected_loss.backward()
+    assert_rel_close(loss, expected_loss, TOL, "loss")
+    for k, g in _grads(enc).items():
+        assert_rel_close(got[k], g, TOL, f"grad {k}")
+
+
+def test_transform_without_rng_restore_draws_other_views():
+    """(What the restore buys: without it the re-run's views are new draws.)"""
+    t = _Recorder()
+    raw = _views(views=1)[0]
+    chunked_backward(_mlp(), [raw, raw], lambda a, b: fx.nt_xent(a, b, 0.5), 4, transform=t,
+                     preserve_rng_state=False)
+    assert not any(torch.equal(a, b) for a, b in zip(t.made(grad=False), t.made(grad=True)))
+
+
+def test_transform_per_view_and_chunked_forward():
+    """One transform per view (None: as is); chunked_forward applies it per chunk, once."""
+    enc = _mlp()
+    x1, x2 = _views()
+    double = lambda x: 2 * x  # noqa: E731
+    loss_fn = lambda a, b: fx.nt_xent(a, b, 0.5)  # noqa: E731
+    loss_fn(enc(2 * x1), enc(x2)).backward()
+    expected = _grads(enc)
+    _zero(enc)
+    chunked_backward(enc, [x1, x2], loss_fn, 3, transform=[double, None])
+    for k, g in expected.items():
+        assert_rel_close(_grads(enc)[k], g, TOL, k)
+    t = _Recorder()
+    torch.manual_seed(4)
+    got = chunked_forward(enc, x1, 4, transform=t)
+    torch.manual_seed(4)
+    with torch.no_grad():
+        ref = torch.cat([enc(x1[s:s + 4] + torch.randn_like(x1[s:s + 4])) for s in range(0, N, 4)])
+    assert torch.equal(got, ref) and len(t.calls) == 3
+
+
+@pytest.mark.parametrize("chunk", [4, N])
+def test_target_encoder_sees_the_encoders_views(chunk):
+    """target_encoder (MoCo's key encoder) runs once per call on the encoder's transformed
+    arguments; its outputs reach loss_fn after the embeddings, without gradient; its
+    BatchNorm statistics are updated once per call and kept."""
+    enc = _mlp(bn=True)
+    target, ref = _mlp(bn=True, seed=3), _mlp(bn=True, seed=3)
+    seen = {"enc": [], "target": []}
+    enc.register_forward_pre_hook(lambda m, a: seen["enc"].append((torch.is_grad_enabled(), a[0].clone())))
+    target.register_forward_pre_hook(lambda m, a: seen["target"].append((torch.is_grad_enabled(), a[0].clone())))
+    raw = _views(views=1)[0]
+    got = {}
+
+    def loss_fn(z1, z2, t1, t2):
+        got.update(t1=t1, t2=t2)
+        assert z1.requires_grad and not t1.requires_grad and not t2.requires_grad
+        return fx.nt_xent(z1, t2, 0.5) + fx.nt_xent(z2, t1, 0.5)
+
+    chunked_backward(enc, [raw, raw], loss_fn, chunk, concat_views=True, transform=_Recorder(),
+                     target_encoder=target)
+    first = [x for g, x in seen["enc"] if not g]
+    targets = [x for g, x in seen["target"]]
+    assert len(first) == len(targets) == -(-N // chunk) and not any(g for g, _ in seen["target"])
+    assert all(torch.equal(a, b) for a, b in zip(first, targets))
+    with torch.no_grad():  # each call's rows: view 1's chunk, then view 2's
+        outs = [ref(x).split(x.shape[0] // 2) for x in targets]
+    assert torch.equal(got["t1"], torch.cat([o[0] for o in outs]))
+    assert torch.equal(got["t2"], torch.cat([o[1] for o in outs]))
+    assert int(target[1].num_batches_tracked) == len(targets)
+    assert torch.equal(target[1].running_mean, ref[1].running_mean)
+    assert int(enc[1].num_batches_tracked) == len(first)  # (the encoder's: once per chunk too)
+
+
 def test_bad_arguments_name_the_argument():
     enc = _mlp()
     x = _views()
@@ -375,6 +484,14 @@ def test_bad_arguments_name_the_argument():
         chunked_backward(enc, x, None, 3)
     with pytest.raises(ValueError, match="chunk_size"):
         chunked_forward(enc, x, 0)
+    with pytest.raises(ValueError, match="transform: 3 transforms given for 2 views"):
+        chunked_backward(enc, x, loss_fn, 3, transform=[None, None, None])
+    with pytest.raises(ValueError, match="transform must be callable"):
+        chunked_backward(enc, x, loss_fn, 3, transform=[None, 7])
+    with pytest.raises(ValueError, match=r"transform returned batch sizes \[2\] for a chunk of 3 rows"):
+        chunked_backward(enc, x, loss_fn, 3, transform=lambda t: t[:2])
+    with pytest.raises(ValueError, match="target_encoder must be callable"):
+        chunked_backward(enc, x, loss_fn, 3, target_encoder="keys")
 
 
 # -- DistributedDataParallel, gloo, 2 processes --------------------------------------------

@@ -207,9 +207,11 @@ def test_chunked_under_torchrun_equals_ddp(tmp_path):
     _assert_same_state(load_checkpoint(str(tmp_path / "ddp")), load_checkpoint(str(tmp_path / "chunked")))
 
 
-def test_synthetic_dataset_is_deterministic_and_trains(tmp_path, monkeypatch):
+@pytest.mark.parametrize("method", ["simclr", "moco"])
+def test_synthetic_dataset_is_deterministic_and_trains(tmp_path, monkeypatch, method):
     """--dataset synthetic: random uint8 images of CIFAR's shape and random labels from --seed;
-    a chunked SimCLR run on it goes through the whole trainer (fewer images here, for time)."""
+    a chunked SimCLR / MoCo run on it (its views made per chunk from the uint8 batch) goes
+    through the whole trainer (fewer images here, for time)."""
     from fastntxent.train import data
 
     a, b, c = data.load_synthetic_bundle(0), data.load_synthetic_bundle(0), data.load_synthetic_bundle(1)
@@ -220,9 +222,99 @@ def test_synthetic_dataset_is_deterministic_and_trains(tmp_path, monkeypatch):
     assert (cfg.arch, cfg.cifar_stem, cfg.crop_size, cfg.epochs) == ("resnet18", True, 32, 1)
     monkeypatch.setattr(data, "SYNTHETIC_TRAIN", 128)
     monkeypatch.setattr(data, "SYNTHETIC_TEST", 64)
-    s = run(_cfg(tmp_path, dataset="synthetic", arch="digits_cnn", width=4, proj_hidden_dim=32,
-                 proj_output_dim=16, batch_size=64, chunk_size=24, probe=False), log=_quiet)
+    s = run(_cfg(tmp_path, dataset="synthetic", method=method, arch="digits_cnn", width=4, proj_hidden_dim=32,
+                 proj_output_dim=16, queue_size=128, batch_size=64, chunk_size=24, probe=False), log=_quiet)
     assert s["finished"] and s["knn_accuracy"] is not None
+
+
+# -- lazy views: --chunk-size augments each chunk on the fly -------------------------------
+def _uint8_bundle(n=48, size=12):
+    """A tensor bundle of n random uint8 images (3, size, size), as --dataset synthetic's."""
+    from fastntxent.train.data import DataBundle
+
+    x = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    xf = x.float() / 255
+    return DataBundle(name="synthetic", kind="tensor", num_classes=2, in_channels=3, train_images=x,
+                      train_labels=torch.zeros(n, dtype=torch.long), mean=xf.mean(dim=(0, 2, 3)).reshape(1, 3, 1, 1),
+                      std=xf.std(dim=(0, 2, 3)).reshape(1, 3, 1, 1))
+
+
+def test_lazy_views_loader_yields_the_raw_batch():
+    """lazy_views: the raw uint8 batch (x1 is x2), and view_transform draws the views the
+    plain loader yields from the same random state."""
+    from fastntxent.train.data import PretrainLoader
+
+    bundle, cfg, cpu = _uint8_bundle(), TrainConfig(dataset="synthetic", batch_size=16), torch.device("cpu")
+    plain, lazy = PretrainLoader(bundle, cfg, cpu), PretrainLoader(bundle, cfg, cpu, lazy_views=True)
+    assert plain.view_transform is None
+    torch.manual_seed(1)
+    v1, v2 = next(plain.epoch(0))
+    torch.manual_seed(1)
+    r1, r2 = next(lazy.epoch(0))
+    assert r1 is r2 and r1.dtype == torch.uint8 and r1.shape == (16, 3, 12, 12)
+    assert torch.equal(lazy.view_transform(r1), v1) and torch.equal(lazy.view_transform(r2), v2)
+    assert not torch.equal(v1, v2)
+
+
+def _record_inputs(module, log: list, tag: str):
+    """Appends (tag, grad enabled?, input) for every call of module."""
+    module.register_forward_pre_hook(lambda m, a: log.append((tag, torch.is_grad_enabled(), a[0].detach().clone())))
+
+
+@pytest.mark.parametrize("method,symmetric", [("simclr", False), ("moco", False), ("moco", True)])
+def test_lazy_views_chunked_step_is_the_unchunked_step_on_its_views(method, symmetric):
+    """grad_cache_backward on the raw batch with the loader's view_transform: the query
+    encoder's re-run sees its first pass's views bit for bit, one chunk's at a time; MoCo's
+    key encoder sees the queries' views (symmetric) or the other view; loss, gradients and
+    the enqueued keys are those of the unchunked forward on those views (BatchNorm in eval
+    mode, so that rows are independent and the unchunked step is the reference), to 1e-5
+    relative."""
+    import copy
+
+    from fastntxent.train.data import PretrainLoader
+    from fastntxent.train.trainer import _build_method
+    from helpers import assert_rel_close
+
+    cfg = TrainConfig(dataset="synthetic", method=method, symmetric=symmetric, arch="digits_cnn", width=4,
+                      proj_hidden_dim=32, proj_output_dim=16, queue_size=128, batch_size=40).resolved()
+    loader = PretrainLoader(_uint8_bundle(), cfg, torch.device("cpu"), lazy_views=True)
+    raw, _ = next(loader.epoch(0))
+    torch.manual_seed(0)
+    m = _build_method(cfg, 3)
+    for mod in m.modules():
+        if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm):
+            mod.eval()
+    ref = copy.deepcopy(m)
+    seen: list = []
+    _record_inputs(m.backbone, seen, "query")
+    if method == "moco":
+        _record_inputs(m.momentum_backbone, seen, "key")
+    loss, _ = m.grad_cache_backward(raw, raw, 16, transform=loader.view_transform)  # chunks 16, 16, 8
+
+    first = [x for t, g, x in seen if t == "query" and not g]
+    rerun = [x for t, g, x in seen if t == "query" and g]
+    keys = [x for t, _, x in seen if t == "key"]
+    assert len(first) == len(rerun) == 3 and all(torch.equal(a, b) for a, b in zip(first, rerun))
+    assert max(x.shape[0] for _, _, x in seen) <= 2 * 16  # never a view of the whole batch
+    if method == "simclr" or symmetric:  # each call: the chunk's view 1, then its view 2
+        v1, v2 = (torch.cat([x.chunk(2)[i] for x in first]) for i in (0, 1))
+    else:
+        v1, v2 = torch.cat(first), torch.cat(keys)
+    if symmetric:
+        assert len(keys) == 3 and all(torch.equal(a, b) for a, b in zip(first, keys))
+    assert v1.shape == (40, 3, 12, 12) and not torch.equal(v1, v2)
+
+    ref_loss, _ = ref(v1, v2)
+    ref_loss.backward()
+    assert_rel_close(loss, ref_loss, 1e-5, "loss")
+    trained = [(p, q) for p, q in zip(m.parameters(), ref.parameters()) if q.requires_grad]
+    assert all(p.grad is not None for p, _ in trained)
+    # the whole gradient (per parameter its share: the projector's last bias, a sum over the
+    # rows that nearly cancels, is ~1e-5 of it and only float32-close relative to itself)
+    assert_rel_close(torch.cat([p.grad.flatten() for p, _ in trained]),
+                     torch.cat([q.grad.flatten() for _, q in trained]), 1e-5, "parameter gradients")
+    if method == "moco":
+        assert_rel_close(m.queue.keys, ref.queue.keys, 1e-5, "queue")
 
 
 # -- health (issue 21): the failures reproduced end to end, --on-collapse ------------------

@@ -4,7 +4,8 @@ DataNotFoundError saying how to get it.
 
 Two kinds of bundle:
 - "tensor" (digits, synthetic): the whole split lives in a tensor; views are made on the device by the
-  batched DigitsAugment, so an epoch is a few matrix ops and resuming is exact.
+  batched DigitsAugment, so an epoch is a few matrix ops and resuming is exact. With
+  --chunk-size the chunked step augments each chunk on the fly (PretrainLoader's lazy_views).
 - "dataset" (torchvision): a DataLoader with per-sample SimCLR transforms.
 Both draw batches from EpochBatchSampler: a permutation seeded by (seed, epoch), sharded by
 rank, that can start mid-epoch, so a resumed run sees the same batches.
@@ -203,16 +204,28 @@ def build_data(cfg) -> DataBundle:
 
 
 class PretrainLoader:
-    """Yields (view1, view2) on the device for one epoch, resumable at a step."""
+    """Yields a step's (x1, x2) on the device for one epoch, resumable at a step.
 
-    def __init__(self, bundle: DataBundle, cfg, device, rank: int = 0, world_size: int = 1):
+    By default the two augmented views: (B, C, H, W) float32, normalised. With
+    ``lazy_views`` (the trainer's --chunk-size) a tensor bundle yields its raw batch instead,
+    as stored (uint8 or float images in [0, 1]), the same tensor as x1 and x2, and
+    ``view_transform`` is the augmentation the chunked step applies to each chunk of each
+    view in both passes (fastntxent.chunked's ``transform``): no view of the whole batch is
+    made. ``view_transform`` is None when the yielded tensors are the views themselves
+    (always for torchvision bundles, whose DataLoader augments per sample)."""
+
+    def __init__(self, bundle: DataBundle, cfg, device, rank: int = 0, world_size: int = 1,
+                 lazy_views: bool = False):
         self.bundle, self.device = bundle, device
         self.sampler = EpochBatchSampler(bundle.num_pretrain, cfg.batch_size, cfg.seed, rank,
                                          world_size)
         self.seed = cfg.seed
+        self.view_transform = None
         if bundle.kind == "tensor":
             self.images = bundle.train_images.to(device)
             self.augment = A.DigitsAugment(bundle.mean.to(device), bundle.std.to(device))
+            if lazy_views:
+                self.view_transform = self.view
         else:
             self.num_workers = cfg.num_workers
 
@@ -220,12 +233,23 @@ class PretrainLoader:
     def steps_per_epoch(self) -> int:
         return self.sampler.num_batches
 
+    def view(self, raw: torch.Tensor) -> torch.Tensor:
+        """One augmented view of raw tensor-bundle images (b, C, H, W) as stored → (b, C, H,
+        W) float32 normalised; draws from the global CPU generator. Autocast off: the chunked
+        step calls it inside the trainer's autocast, the views are float32 as the loader's."""
+        with torch.autocast(self.device.type, enabled=False):
+            return self.augment(as_unit_float(raw))
+
     def epoch(self, epoch: int, start_step: int = 0):
         self.sampler.set_epoch(epoch, start_step)
         if self.bundle.kind == "tensor":
             for idx in self.sampler:
-                x = as_unit_float(self.images[torch.tensor(idx, device=self.device)])
-                yield self.augment(x), self.augment(x)
+                raw = self.images[torch.tensor(idx, device=self.device)]
+                if self.view_transform is not None:
+                    yield raw, raw
+                else:
+                    x = as_unit_float(raw)
+                    yield self.augment(x), self.augment(x)
         else:
             g = torch.Generator().manual_seed(self.seed * 7919 + epoch)  # worker seeds
             loader = torch.utils.data.DataLoader(

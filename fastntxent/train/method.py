@@ -9,12 +9,14 @@ autocast, checkpoints and evaluation of ``backbone``.
 """
 from __future__ import annotations
 
-from typing import Any, Iterator, Mapping, Protocol
+from typing import Any, Callable, Iterator, Mapping, Optional, Protocol
 
 import torch
 from torch import nn
 
 Stats = dict[str, torch.Tensor]
+ViewTransform = Callable[[torch.Tensor], torch.Tensor]
+"""A chunk of raw images (b, C, H, W) → one augmented view of them, float32 normalised."""
 
 
 class PretrainMethod(Protocol):
@@ -42,10 +44,16 @@ class PretrainMethod(Protocol):
         """``nn.Module.__call__``: runs ``forward``."""
         ...
 
-    def grad_cache_backward(self, x1: torch.Tensor, x2: torch.Tensor,
-                            chunk_size: int) -> tuple[torch.Tensor, Stats]:
+    def grad_cache_backward(self, x1: torch.Tensor, x2: torch.Tensor, chunk_size: int,
+                            transform: Optional[ViewTransform] = None) -> tuple[torch.Tensor, Stats]:
         """``--chunk-size``: what ``forward`` computes, plus the backward, with the
         encoder run on ``chunk_size`` images at a time (fastntxent.chunked.chunked_backward).
+        ``transform`` None: x1, x2 are the views, as for ``forward``. Else x1 and x2 are the
+        raw batch (B, C, H, W) as the data stores it (uint8 or float) and ``transform`` makes
+        a view of a chunk, (b, C, H, W) → (b, C, H, W) float32 normalised, drawing from the
+        global generator: it is called on each chunk of each view, in every pass that
+        needs the view (``chunked_backward(..., transform=transform)``), so the passes
+        over one chunk see the same views and no view of the whole batch is made.
         Leaves the gradients in ``.grad`` (local ones: the trainer averages them over ranks)
         and returns ``(loss, stats)`` detached; same side effects as ``forward``. Called
         inside the trainer's autocast, after ``zero_grad``."""

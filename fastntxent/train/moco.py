@@ -4,6 +4,7 @@ symmetric loss of solo-learn's MoCo v2+."""
 from __future__ import annotations
 
 import copy
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -12,7 +13,7 @@ from torch import nn
 import fastntxent as fx
 from fastntxent.chunked import chunked_backward, chunked_forward
 
-from .method import Stats
+from .method import Stats, ViewTransform
 from .models import projection_head
 from .optim import cosine_momentum
 
@@ -66,23 +67,32 @@ class MoCo(nn.Module):
         self.queue.enqueue(torch.cat(keys))
         return loss, stats
 
-    def grad_cache_backward(self, x1: torch.Tensor, x2: torch.Tensor,
-                            chunk_size: int) -> tuple[torch.Tensor, Stats]:
-        """forward + backward, both encoders run on chunk_size images at a time: the key
-        encoder's forward in chunks (no grad anyway), the query encoder's with gradient
-        caching (fastntxent.chunked); symmetric: both views of a chunk's images in one call."""
-        queue = self.queue.keys.clone()
+    def _loss_and_keys(self, queries: tuple, keys: tuple, queue: torch.Tensor):
+        """``_loss`` and the keys to enqueue, (B or 2B, D): the chunked step's loss_fn."""
+        return (*self._loss(queries, keys, queue), torch.cat(keys))
+
+    def grad_cache_backward(self, x1: torch.Tensor, x2: torch.Tensor, chunk_size: int,
+                            transform: Optional[ViewTransform] = None) -> tuple[torch.Tensor, Stats]:
+        """forward + backward, both encoders run on chunk_size images at a time and on the
+        views ``forward`` gives them: the query encoder with gradient caching, the key
+        encoder without gradient (fastntxent.chunked). Symmetric: both views of a chunk's
+        images in one query call, the key encoder on that call's views (``target_encoder``,
+        so with ``transform`` it sees the queries' views). Otherwise queries of view 1, keys
+        of view 2, the keys computed when the loss needs them, after the queries' first
+        pass (so the views are drawn in the unchunked step's order: x1's, then x2's).
+        ``transform``: see method.py."""
+        queue = self.queue.keys.clone()  # negatives: the queue as it was before this batch
         query_encoder = lambda x: self.projector(self.backbone(x))  # noqa: E731
-        key_encoder = self._keys
         if self.symmetric:
-            keys = tuple(chunked_forward(key_encoder, [x1, x2], chunk_size, concat_views=True))
-            loss, stats = chunked_backward(query_encoder, [x1, x2], lambda q1, q2: self._loss((q1, q2), keys, queue),
-                                           chunk_size, concat_views=True)
+            loss, stats, keys = chunked_backward(
+                query_encoder, [x1, x2], lambda q1, q2, k1, k2: self._loss_and_keys((q1, q2), (k1, k2), queue),
+                chunk_size, concat_views=True, transform=transform, target_encoder=self._keys)
         else:
-            keys = (chunked_forward(key_encoder, x2, chunk_size),)
-            loss, stats = chunked_backward(query_encoder, x1, lambda q1: self._loss((q1,), keys, queue),
-                                           chunk_size)
-        self.queue.enqueue(torch.cat(keys))
+            def loss_fn(q1):
+                k2 = chunked_forward(self._keys, x2, chunk_size, transform=transform)
+                return self._loss_and_keys((q1,), (k2,), queue)
+            loss, stats, keys = chunked_backward(query_encoder, x1, loss_fn, chunk_size, transform=transform)
+        self.queue.enqueue(keys)
         return loss, stats
 
     @torch.no_grad()

@@ -1,6 +1,8 @@
 """SimCLR (Chen et al. 2020): encoder + MLP projector trained with the fused NT-Xent loss."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import nn
 
@@ -8,7 +10,7 @@ import fastntxent as fx
 from fastntxent.chunked import chunked_backward
 from fastntxent.distributed import world_size
 
-from .method import Stats
+from .method import Stats, ViewTransform
 from .models import projection_head
 
 
@@ -32,12 +34,14 @@ class SimCLR(nn.Module):
         loss, stats = self.loss_fn(z1, z2, return_stats=True)
         return loss, dict(stats, embeddings=torch.cat([z1, z2]).detach())
 
-    def grad_cache_backward(self, x1: torch.Tensor, x2: torch.Tensor,
-                            chunk_size: int) -> tuple[torch.Tensor, Stats]:
+    def grad_cache_backward(self, x1: torch.Tensor, x2: torch.Tensor, chunk_size: int,
+                            transform: Optional[ViewTransform] = None) -> tuple[torch.Tensor, Stats]:
         """forward + backward with the encoder run on chunk_size images at a time (both views
-        of a chunk's images in one call, as forward does for the batch): fastntxent.chunked."""
+        of a chunk's images in one call, as forward does for the batch; each view made from
+        the chunk by ``transform`` when given, see method.py): fastntxent.chunked."""
         encoder = lambda x: self.projector(self.backbone(x))  # noqa: E731
-        return chunked_backward(encoder, [x1, x2], self._loss, chunk_size, concat_views=True)
+        return chunked_backward(encoder, [x1, x2], self._loss, chunk_size, concat_views=True,
+                                transform=transform)
 
     def after_step(self, step: int, total_steps: int) -> None:
         pass

@@ -159,7 +159,8 @@ class Trainer:
         self.global_batch = cfg.batch_size * self.world
         self.lr = cfg.lr * self.global_batch / 256
         self.optimizer = build_optimizer(cfg, method, self.lr)
-        self.loader = PretrainLoader(self.bundle, cfg, device, self.rank, self.world)
+        self.loader = PretrainLoader(self.bundle, cfg, device, self.rank, self.world,
+                                     lazy_views=bool(cfg.chunk_size))  # chunked: views per chunk
         self.steps_per_epoch = spe = self.loader.steps_per_epoch
         self.total_steps = spe * cfg.epochs
         self.scheduler = WarmupCosine(self.optimizer, round(cfg.warmup_epochs * spe), self.total_steps,
@@ -308,11 +309,14 @@ class Trainer:
 
     def _grad_cache_backward(self, x1: torch.Tensor, x2: torch.Tensor) -> tuple[torch.Tensor, Stats]:
         """--chunk-size: the method's forward and backward with the encoder run on that
-        many images at a time (fastntxent.chunked); under torchrun the local gradients are
-        then averaged over the ranks in one all-reduce, as DDP would (no DDP wrapper here)."""
+        many images at a time (fastntxent.chunked); with a tensor dataset x1 and x2 are the
+        raw batch and each chunk's views are made on the fly (the loader's view_transform).
+        Under torchrun the local gradients are then averaged over the ranks in one
+        all-reduce, as DDP would (no DDP wrapper here)."""
         self.optimizer.zero_grad(set_to_none=True)
         with self.autocast():
-            loss, stats = self.method.grad_cache_backward(x1, x2, self.cfg.chunk_size)
+            loss, stats = self.method.grad_cache_backward(x1, x2, self.cfg.chunk_size,
+                                                          transform=self.loader.view_transform)
         if self.world > 1:
             D.average_gradients(self.method.parameters())
         return loss, stats
