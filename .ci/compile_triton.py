@@ -108,53 +108,12 @@ SMEM_LIMIT = {75: 64 * 1024, 80: 166912, 90: 232448}
 DIMS = (128, 512)
 
 # Fallback-config spills of the non-exact paths (bf16 / fp16 / fp32-tf32) that the kernels
-# already had when this gate was added (full matrix, triton 3.8.0 / ptxas 12.9 and triton
-# 3.6.0 / ptxas 12.8; bytes of spill stores): all in secondary variants (D = 512 chunked path,
-# the odd-size variant, the cross backward with a queue / WRITE_GK), none in the default
-# variant at D = 128. Reported as BASELINE-SPILL, fatal with --fail-on-baseline-spills; any
-# spill not listed here fails. Remove an entry once the kernel is fixed.
-# Removed 2026-12-03 (issue 16): self_fwd nolab D512 bf16/fp16 sm_80 (the short epilogue: 0 B
-# under 3.6 and 3.8) and self_bwd nolab D512 bf16 sm_80 (256-wide output chunks on 8 warps:
-# 0 B under 3.6 and 3.8). The others are not re-verified under both versions yet.
-BASELINE_SPILLS = {
-    "cross_bwd_k_kernel inbatch D512 tf32 sm_80",  # 3.6.0: 48 B, 3.8.0: 48 B
-    "cross_bwd_k_kernel inbatch+odd D100 bf16 sm_80",  # 3.6.0: 8 B
-    "cross_bwd_k_kernel inbatch+odd D100 fp16 sm_80",  # 3.6.0: 16 B
-    "cross_bwd_k_kernel inbatch+odd D100 tf32 sm_80",  # 3.6.0: 24 B
-    "cross_bwd_q_kernel inbatch D512 bf16 sm_80",  # 3.6.0: 36 B, 3.8.0: 28 B
-    "cross_bwd_q_kernel inbatch D512 fp16 sm_80",  # 3.6.0: 36 B, 3.8.0: 28 B
-    "cross_bwd_q_kernel inbatch D512 tf32 sm_80",  # 3.6.0: 48 B, 3.8.0: 48 B
-    "cross_bwd_q_kernel inbatch+odd D100 bf16 sm_80",  # 3.6.0: 16 B
-    "cross_bwd_q_kernel inbatch+odd D100 tf32 sm_80",  # 3.6.0: 24 B
-    "cross_bwd_q_kernel pos-only+gk D128 tf32 sm_80",  # 3.6.0: 4 B, 3.8.0: 4 B
-    "cross_bwd_q_kernel pos-only+gk D128 tf32 sm_90",  # 3.6.0: 4 B, 3.8.0: 8 B
-    "cross_bwd_q_kernel queue D128 tf32 sm_80",  # 3.6.0: 84 B
-    "cross_bwd_q_kernel queue D128 tf32 sm_90",  # 3.6.0: 76 B, 3.8.0: 80 B
-    "cross_bwd_q_kernel queue+gk D128 tf32 sm_80",  # 3.6.0: 256 B, 3.8.0: 332 B
-    "cross_bwd_q_kernel queue+gk D128 tf32 sm_90",  # 3.6.0: 196 B, 3.8.0: 304 B
-    "cross_bwd_q_kernel queue+gk+split D128 tf32 sm_80",  # 3.6.0: 256 B, 3.8.0: 332 B
-    "cross_bwd_q_kernel queue+gk+split D128 tf32 sm_90",  # 3.6.0: 196 B, 3.8.0: 304 B
-    "cross_bwd_q_kernel queue+gk+dcl D128 tf32 sm_80",  # 3.8.0: 12 B (2026-12-04, DCL; the class of queue+gk)
-    "cross_fwd_kernel inbatch+odd D100 bf16 sm_80",  # 3.8.0: 8 B
-    "cross_fwd_kernel inbatch+odd D100 fp16 sm_80",  # 3.8.0: 8 B
-    "self_bwd_kernel nolab D512 fp16 sm_80",  # 3.6.0: 8 B, 3.8.0: 8 B
-    "self_bwd_kernel nolab D512 tf32 sm_80",  # 3.6.0: 32 B, 3.8.0: 32 B
-    "self_bwd_kernel nolab+odd D100 bf16 sm_80",  # 3.6.0: 24 B
-    "self_bwd_kernel nolab+odd D100 fp16 sm_80",  # 3.8.0: 28 B
-    "self_bwd_kernel nolab+odd D100 fp16 sm_90",  # 3.6.0: 24 B
-    "self_bwd_kernel nolab+odd D100 tf32 sm_80",  # 3.6.0: 8 B, 3.8.0: 12 B
-    "self_bwd_kernel nolab+odd D100 tf32 sm_90",  # 3.8.0: 24 B
-    "self_fwd_kernel labels+split D128 tf32 sm_80",  # 3.8.0: 8 B
-    # Added 2026-12-03 with the local-rows and SigLIP kernels (ci matrix, triton 3.8.0 / ptxas
-    # 12.9; 3.6.0 from the subset matrix where it compiles the row): the D = 512 backward's
-    # fallback config on sm_80, the same class as self_bwd_kernel nolab D512 fp16/tf32 above
-    # (fp32 operands: 64-wide output chunks on a 64x32 tile, 4 warps). Kernel fixes, not gate
-    # work: open.
-    "self_bwd_row_side_kernel nolab D512 tf32 sm_80",  # 3.6.0: 52 B, 3.8.0: 40 B
-    "self_bwd_col_side_kernel nolab D512 fp16 sm_80",  # 3.8.0: 8 B (64x64 w8 s3, the 8-warp fallback; 3.6 not compiled)
-    "self_bwd_col_side_kernel nolab D512 tf32 sm_80",  # 3.6.0: 84 B, 3.8.0: 76 B
-    "siglip_bwd_kernel grad_x D512 tf32 sm_80",  # 3.6.0: 56 B, 3.8.0: 56 B
-}
+# had when this gate was added (36 rows, "spill_key" form, bytes of spill stores). Reported as
+# BASELINE-SPILL, fatal with --fail-on-baseline-spills; any spill not listed here fails. Emptied
+# 2026-12-04 (issue 16): the 8-warp backward fallbacks (tiles.FALLBACK_16BIT / FALLBACK_FP32),
+# the fp32-operand register budget, the MoCo backward's positive term before the sweep; the ci
+# matrix under 3.8 and the subset under 3.6 compile every listed row without a spill.
+BASELINE_SPILLS: set = set()
 
 
 # ----------------------------------------------------------------------------- loading
@@ -218,13 +177,16 @@ ALL = dict(NEED_TOP1=True, NEED_PS=True)     # forward: top-1 (return_stats) and
 FAST = dict(NEED_TOP1=False, NEED_PS=False)  # forward, the common case: no statistics, fixed τ
 VARIANTS = {
     "self_fwd_kernel": {
-        "nolab": dict(HAS_LABELS=False, SPLIT=False, **FAST, DECOUPLED=False),
-        "nolab+all": dict(HAS_LABELS=False, SPLIT=False, **ALL, DECOUPLED=False),
-        "labels": dict(HAS_LABELS=True, SPLIT=False, **ALL, DECOUPLED=False),
-        "nolab+split": dict(HAS_LABELS=False, SPLIT=True, **ALL, DECOUPLED=False),
-        "labels+split": dict(HAS_LABELS=True, SPLIT=True, **ALL, DECOUPLED=False),
-        "nolab+odd": dict(HAS_LABELS=False, SPLIT=False, **ALL, DECOUPLED=False),
-        "labels+dcl": dict(HAS_LABELS=True, SPLIT=False, **ALL, DECOUPLED=True),  # decoupled (DCL)
+        "nolab": dict(HAS_LABELS=False, SPLIT=False, **FAST, DECOUPLED=False, LOCAL_ROWS=False),
+        "nolab+all": dict(HAS_LABELS=False, SPLIT=False, **ALL, DECOUPLED=False, LOCAL_ROWS=False),
+        "labels": dict(HAS_LABELS=True, SPLIT=False, **ALL, DECOUPLED=False, LOCAL_ROWS=False),
+        "nolab+split": dict(HAS_LABELS=False, SPLIT=True, **ALL, DECOUPLED=False, LOCAL_ROWS=False),
+        "labels+split": dict(HAS_LABELS=True, SPLIT=True, **ALL, DECOUPLED=False, LOCAL_ROWS=False),
+        "nolab+odd": dict(HAS_LABELS=False, SPLIT=False, **ALL, DECOUPLED=False, LOCAL_ROWS=False),
+        "labels+dcl": dict(HAS_LABELS=True, SPLIT=False, **ALL, DECOUPLED=True, LOCAL_ROWS=False),  # decoupled (DCL)
+        # the local rows of a distributed loss (rank 1 of 2; the former self_fwd_rows_kernel)
+        "nolab+rows": dict(HAS_LABELS=False, SPLIT=False, **FAST, DECOUPLED=False, LOCAL_ROWS=True),
+        "labels+rows+all": dict(HAS_LABELS=True, SPLIT=False, **ALL, DECOUPLED=False, LOCAL_ROWS=True),
     },
     "self_bwd_kernel": {
         "nolab": dict(HAS_LABELS=False, DECOUPLED=False),
@@ -296,7 +258,8 @@ def launch_args(kernel, variant, dt, D):
     if kernel == "self_fwd_kernel":
         return dict(U=P(dt), stride_um=D, stride_ud=1, TAU=f32,
                     LAB=P("i64") if "labels" in variant else f32,  # no labels: the dummy outs[0]
-                    M=M, D=D, period=M // 2, ROW0=0, ROWS=M, M_KEY=pow2(M),
+                    M=M, D=D, period=M // 2, ROW0=M // 2 if "rows" in variant else 0,
+                    ROWS=M // 2 if "rows" in variant else M, M_KEY=pow2(M),
                     LSE=f32, POS_SUM=f32, POS_CNT=f32, PS_SUM=f32, TOP1=f32, W=f32)
     if kernel == "self_bwd_kernel":
         return dict(U=P(dt), stride_um=D, stride_ud=1, TAU=f32, LAB=P("i64") if "labels" in variant else f32,
@@ -360,7 +323,7 @@ def every_config_variants(kernel):
     """The variants compiled for every autotune config (not only the fallback): the default
     one and, for the forwards, the one with every optional output ("+all"), the heaviest."""
     names = list(VARIANTS[kernel])
-    return [names[0]] + [v for v in names[1:] if v.endswith("+all")]
+    return [names[0]] + [v for v in names[1:] if v.endswith("+all") or v.endswith("+rows")]
 
 
 # ----------------------------------------------------------------------------- tasks
@@ -385,7 +348,7 @@ def kept_configs(tiles, kernel, dtk, D, target, variant=None):
     if "bwd" in kernel:
         kwargs["BLOCK_DO"] = flags["BLOCK_DO"]
     if variant is not None:
-        kwargs.update({k: v for k, v in VARIANTS[kernel][variant].items() if k.startswith("NEED_")})
+        kwargs.update({k: v for k, v in VARIANTS[kernel][variant].items() if k.startswith("NEED_") or k == "LOCAL_ROWS"})
     arg = _Arg(dtype)
     named = {p.name: arg for p in fn.params if not p.is_constexpr}
     kept = prune(cfgs, named, **kwargs)
@@ -835,8 +798,9 @@ def needs_tensor_cores(row):
     return row["dtype"] in ("bf16", "fp16") or row["prec"] in ("tf32", "tf32x3")
 
 
-def judge(row, fail_on_ieee_spills=False, fail_on_baseline_spills=False):
-    """(status, fatal) of one row."""
+def judge(row, fail_on_ieee_spills=False, fail_on_baseline_spills=False, fail_on_config_spills=False):
+    """(status, fatal) of one row (fail_on_config_spills: a spill of any kept config and of a
+    BASELINE_SPILLS row is FAIL-SPILL; the exact-fp32 paths follow fail_on_ieee_spills)."""
     if row["error"]:
         return "ERROR", True
     if needs_tensor_cores(row) and row.get("loop_mma") == 0:
@@ -848,10 +812,12 @@ def judge(row, fail_on_ieee_spills=False, fail_on_baseline_spills=False):
     if limit is not None and row["shared"] > limit:
         return ("FAIL-SMEM", True) if row["fallback"] else ("PRUNED", False)
     if row["spill_bytes"] > 0 or row["n_spills"] > 0:
+        if exact and row["fallback"]:
+            return "KNOWN-SPILL", fail_on_ieee_spills
+        if fail_on_config_spills:
+            return "FAIL-SPILL", True
         if not row["fallback"]:
             return "spills", False
-        if exact:
-            return "KNOWN-SPILL", fail_on_ieee_spills
         if spill_key(row) in BASELINE_SPILLS:
             return "BASELINE-SPILL", fail_on_baseline_spills
         return "FAIL-SPILL", True
@@ -1026,6 +992,9 @@ def main(argv=None):
                     help="also fail on spills of the exact-fp32 paths (fp32 ieee / tf32x3, sm_75) in the fallback config")
     ap.add_argument("--fail-on-baseline-spills", action="store_true",
                     help="also fail on the fallback-config spills listed in BASELINE_SPILLS (there when the gate came)")
+    ap.add_argument("--fail-on-config-spills", action="store_true",
+                    help="fail on a spill of any kept autotune config, not only the fallback (BASELINE_SPILLS "
+                         "included; the exact-fp32 fallbacks follow --fail-on-ieee-spills): CI's setting")
     ap.add_argument("--only", default="", help="comma-separated kernel names (default: all)")
     ap.add_argument("--configs", choices=("all", "fallback"), default="all")
     ap.add_argument("--variants", choices=("all", "default"), default="all")
@@ -1044,7 +1013,7 @@ def main(argv=None):
             docs += obj["runs"] if "runs" in obj else [obj]
         for doc in docs:
             for row in doc["rows"]:
-                row["status"], row["fatal"] = judge(row, args.fail_on_ieee_spills, args.fail_on_baseline_spills)
+                row["status"], row["fatal"] = judge(row, args.fail_on_ieee_spills, args.fail_on_baseline_spills, args.fail_on_config_spills)
             doc["summary"] = summarize(doc["rows"])
             doc["meta"]["failed"] = any(r["fatal"] for r in doc["rows"])
             if doc["meta"].get("new_kernels"):  # a separate run's rows, re-judged with the rest
@@ -1052,6 +1021,7 @@ def main(argv=None):
                 nk["failed"] = any(r["fatal"] for r in doc["rows"] if r["kernel"] in nk["kernels"])
             doc["meta"]["fail_on_ieee_spills"] = args.fail_on_ieee_spills
             doc["meta"]["fail_on_baseline_spills"] = args.fail_on_baseline_spills
+            doc["meta"]["fail_on_config_spills"] = args.fail_on_config_spills
         if args.markdown:
             render_markdown(docs, args.markdown)
         if args.json:
@@ -1094,14 +1064,14 @@ def main(argv=None):
             with ctx.Pool(args.jobs, initializer=_init_worker) as pool:
                 results = pool.imap(compile_one, tasks, chunksize=1)
                 for row in results:
-                    row["status"], row["fatal"] = judge(row, args.fail_on_ieee_spills, args.fail_on_baseline_spills)
+                    row["status"], row["fatal"] = judge(row, args.fail_on_ieee_spills, args.fail_on_baseline_spills, args.fail_on_config_spills)
                     rows.append(row)
                     print_line(fmt_row(row, row["status"]))
         else:
             _init_worker()
             for t in tasks:
                 row = compile_one(t)
-                row["status"], row["fatal"] = judge(row, args.fail_on_ieee_spills, args.fail_on_baseline_spills)
+                row["status"], row["fatal"] = judge(row, args.fail_on_ieee_spills, args.fail_on_baseline_spills, args.fail_on_config_spills)
                 rows.append(row)
                 print_line(fmt_row(row, row["status"]))
     finally:
@@ -1145,7 +1115,8 @@ def main(argv=None):
     meta = dict(triton=triton.__version__, ptxas=ptxas_version[0], jobs=args.jobs, wall_seconds=round(wall, 1),
                 n_compiled=len(rows), matrix=args.matrix, skipped=skipped, kernel_sha=kernel_sha(), failed=bool(fatal),
                 fail_on_ieee_spills=args.fail_on_ieee_spills,
-                fail_on_baseline_spills=args.fail_on_baseline_spills, targets=args.targets, smem_limits=SMEM_LIMIT)
+                fail_on_baseline_spills=args.fail_on_baseline_spills, fail_on_config_spills=args.fail_on_config_spills,
+                targets=args.targets, smem_limits=SMEM_LIMIT)
     if args.json:
         dump_json(args.json, dict(meta=meta, summary=summary, rows=rows))
     if args.markdown:

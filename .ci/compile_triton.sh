@@ -28,7 +28,7 @@ fi
 v=$(python -c "import triton; print(triton.__version__)")
 echo "== Triton AOT compile gate, triton $v (CI venv)"
 t0=$SECONDS
-timeout 1800 python .ci/compile_triton.py --matrix ci --jobs "$jobs" \
+timeout 1800 python .ci/compile_triton.py --matrix ci --jobs "$jobs" --fail-on-config-spills \
   --json "$out/triton-$v.json" --markdown "$out/triton-$v.md" || status=1
 echo "== triton $v gate: $((SECONDS - t0)) s"
 
@@ -41,7 +41,7 @@ if ! "$venv36/bin/python" -c "import triton, sys; sys.exit(triton.__version__ !=
   "$venv36/bin/python" -m pip install -q triton==3.6.0 'numpy<2.4'
 fi
 echo "== Triton AOT compile gate, triton 3.6.0 ($venv36, ready in $((SECONDS - t0)) s)"
-timeout 1200 "$venv36/bin/python" .ci/compile_triton.py --subset --jobs "$jobs" \
+timeout 1200 "$venv36/bin/python" .ci/compile_triton.py --subset --jobs "$jobs" --fail-on-config-spills \
   --json "$out/triton-3.6.0.json" --markdown "$out/triton-3.6.0.md" || status=1
 echo "== triton 3.6.0 gate (with the venv): $((SECONDS - t0)) s"
 exit $status

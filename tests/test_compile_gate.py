@@ -240,3 +240,16 @@ def test_backward_fallback_follows_the_operand_type():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == (["None"] * 4 + ["255"] * 4) * 2 + ["True"], out.stdout
+
+
+def test_gate_fails_on_config_spills_when_asked():
+    """--fail-on-config-spills (CI): a spill of a non-fallback config is fatal too; the
+    exact-fp32 fallbacks stay KNOWN-SPILL (their own flag)."""
+    gate = _gate()
+    row = _row(spill_bytes=4, fallback=False)
+    assert not gate.judge(row)[1]
+    assert gate.judge(row, fail_on_config_spills=True) == ("FAIL-SPILL", True)
+    assert gate.judge(_row(spill_bytes=4, prec="ieee", dtype="fp32"), fail_on_config_spills=True) == ("KNOWN-SPILL", False)
+    assert gate.judge(_row(spill_bytes=4, prec="ieee", dtype="fp32", fallback=False),
+                      fail_on_config_spills=True) == ("FAIL-SPILL", True)
+    assert gate.judge(_row(), fail_on_config_spills=True) == ("ok", False)

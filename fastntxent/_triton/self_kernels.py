@@ -4,7 +4,7 @@ Pure Triton (see tiles.py): compiled ahead of time by .ci/compile_triton.py; lau
 self_similarity.py, which documents the operators.
 
 Forward (`self_fwd_kernel`): one program per (row block, column split) of the rows
-[ROW0, ROW0 + ROWS) — every row (ROW0 = 0, ROWS = M), or a rank's local rows of the global
+[ROW0, ROW0 + ROWS) — every row (ROW0 = 0, ROWS = M), or with LOCAL_ROWS a rank's local rows of the global
 batch (self_local_similarity.py: the diagonal of local row r is column ROW0 + r, labels global);
 it streams over its column tiles, s = (u_R · u_Cᵀ)/τ, and keeps per row an online
 max-subtracted logsumexp (exp2), Σ P·s rescaled with it, the positive sum and count, and the
@@ -38,7 +38,7 @@ def sim_tile(U, stride_um, stride_ud, rows, row_ok, cols, col_ok, q, D,
 
 
 @triton.autotune(configs=FWD_CONFIGS, key=["M_KEY", "D", "PREC", "HAS_LABELS", "SPLIT", "NEED_TOP1", "NEED_PS",
-                                           "DECOUPLED"],
+                                           "DECOUPLED", "LOCAL_ROWS"],
                  prune_configs_by={"early_config_prune": prune_configs})
 @triton.jit
 def self_fwd_kernel(
@@ -48,15 +48,22 @@ def self_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     D_CHUNKS: tl.constexpr, HAS_LABELS: tl.constexpr, SPLIT: tl.constexpr,
     CAST_F32: tl.constexpr, PREC: tl.constexpr, NEED_TOP1: tl.constexpr, NEED_PS: tl.constexpr,
-    DECOUPLED: tl.constexpr,
+    DECOUPLED: tl.constexpr, LOCAL_ROWS: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
     n_split = tl.num_programs(1)
 
     out_rows, row_ok = row_block(pid_m, ROWS, BLOCK_M)  # output index r − ROW0
-    rows = ROW0 + out_rows                                # global row indices (int64)
-    r0 = ROW0 + pid_m * BLOCK_M  # int32: row and column counts stay below 2³¹ (the launcher's grid check)
+    # int32 r0: row and column counts stay below 2³¹ (the launcher's grid check). The full batch
+    # (LOCAL_ROWS false) compiles without the offset: one int64 row vector fewer, which under
+    # triton 3.6 made 128x64 w8 spill 24 B (sm_80).
+    if LOCAL_ROWS:
+        rows = ROW0 + out_rows                            # global row indices (int64)
+        r0 = ROW0 + pid_m * BLOCK_M
+    else:
+        rows = out_rows
+        r0 = pid_m * BLOCK_M
     scale = 1.0 / tl.load(TAU).to(tl.float32)
     lab_r = labels_of(LAB, rows, row_ok, period, -1, HAS_LABELS)
 

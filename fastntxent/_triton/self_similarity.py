@@ -83,7 +83,8 @@ def forward_rows(u: torch.Tensor, tau: torch.Tensor, lab: Optional[torch.Tensor]
             u, u.stride(0), u.stride(1), tau, lab if lab is not None else dummy, M, D, rows_per_view, row_start, rows,
             common.m_key(M), *outs, work,
             BLOCK_D=flags.block_d, D_CHUNKS=flags.d_chunks, HAS_LABELS=lab is not None, SPLIT=splits > 1,
-            CAST_F32=flags.cast_f32, PREC=flags.prec, DECOUPLED=decoupled, **common.output_flags(outputs),
+            CAST_F32=flags.cast_f32, PREC=flags.prec, DECOUPLED=decoupled, LOCAL_ROWS=rows != M,
+            **common.output_flags(outputs),
         )
     if splits == 1:
         return tuple(outs)

@@ -139,7 +139,8 @@ def prune_configs(configs, named_args, **kwargs):
       kilobytes per thread and take minutes to compile);
     - a forward with fp32 (tf32) operands keeps the configs whose row block takes ≤ 64
       registers per thread, and with the top-1 statistic only the 4-warp ones;
-    - a forward with the top-1 statistic drops 64×64 on 4 warps;
+    - a forward with the top-1 statistic drops 64×64 on 4 warps, one on local rows
+      (LOCAL_ROWS) keeps tiles of ≤ 32 columns;
     - a backward (BLOCK_DO given) keeps the configs whose fp32 gradient accumulator
       and score tile fit in registers (`acc_configs`, MAX_BWD_REGS): the wide output chunks
       of the chunked-D backward need 8 warps; and the fallback of its operand type.
@@ -156,6 +157,10 @@ def prune_configs(configs, named_args, **kwargs):
         # A forward without a NEED_TOP1 argument counts as with.
         kept = [c for c in kept if c.kwargs["BLOCK_M"] * int(block_d) <= 64 * 32 * c.num_warps
                 and not (kwargs.get("NEED_TOP1", named_args.get("NEED_TOP1", True)) and c.num_warps > 4)] or kept[-1:]
+    if "BLOCK_DO" not in kwargs and not INTERPRETING and kwargs.get("LOCAL_ROWS", False):
+        # The self forward on a rank's local rows (the row offset, global labels): tiles of at
+        # most 32 columns (the 64-column ones spilled 8-164 B, triton 3.6 / 3.8, sm_80).
+        kept = [c for c in kept if c.kwargs["BLOCK_N"] <= 32] or kept[-1:]
     if "BLOCK_DO" not in kwargs and not INTERPRETING and kwargs.get("NEED_TOP1", False):
         # Forward with the top-1 statistic: no 64x64 tile on 4 warps (32 similarities per thread
         # beside a 64-row block: 255 registers and 4-76 B of spill on sm_80).
