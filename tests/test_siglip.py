@@ -582,3 +582,35 @@ def test_torch_compile_fullgraph_scaled_loss(reduction):
     assert torch.allclose(compiled, eager, rtol=1e-5, atol=1e-6)
     for g, e in zip(got, expected):
         assert torch.allclose(g, e, rtol=1e-5, atol=1e-6)
+
+
+@needs_cpu
+def test_cpu_pair_terms_across_the_logit_range():
+    """The fp32 kernel's own softplus / sigmoid (one exp, log1p by a series) row by row against
+    float64: logits ℓ_ij = x_i from −60 to 60 in every column (D = 1, y = 1), and 0, ±1e-30, ±1e-7,
+    ±40 (ATen's softplus threshold), ±88 and ±104 (exp underflow). Error bound per row: N·2⁻²⁴ of
+    the sum of the terms' magnitudes (Σ g may cancel; the fp32 row sums run in column order — the
+    previous kernel, with ATen's softplus, had the same loss errors). Then rows of small terms
+    only (negatives at ℓ from −30 to −3, the positive at +15), where a plain log(1 + e) would be
+    off by up to 1 % (e ≈ 1e-5)."""
+    special = torch.tensor([0.0, 1e-30, -1e-30, 1e-7, -1e-7, 40.0, -40.0, 88.0, -88.0, 104.0, -104.0])
+    x = torch.cat([torch.linspace(-60, 60, 241), special]).unsqueeze(1)
+    one, zero = torch.tensor(1.0, dtype=torch.float64), torch.tensor(0.0, dtype=torch.float64)
+    for off in (0, 7):
+        y = torch.ones(x.shape[0] + off, 1)
+        got = torch.ops.fastntxent.siglip_forward(x, y, one.float(), zero.float(), off)
+        ref = reference.siglip_rows(x.double(), y.double(), one, zero, off)
+        ell, n = x.double().squeeze(1), y.shape[0]
+        magnitude = (n - 1) * torch.sigmoid(ell) + torch.sigmoid(-ell)  # Σ_j |g_ij|
+        for name, g, r, m in zip(("loss", "dlogit_sum", "dlogit_cos"), got, ref,
+                                 (ref[0], magnitude, magnitude * ell.abs())):
+            err = ((g.double() - r).abs() / m.clamp_min(1e-300)).max()
+            assert err < n * 2.0**-24, (off, name, float(err))
+    M = 64
+    a = torch.linspace(-30, -3, M)
+    x = torch.cat([a.unsqueeze(1), torch.diag(15 - a)], dim=1)  # ℓ_ij = a_i + (15 − a_i)·[i = j]
+    y = torch.cat([torch.ones(M, 1), torch.eye(M)], dim=1)
+    got = torch.ops.fastntxent.siglip_forward(x, y, one.float(), zero.float(), 0)[0]
+    ref = reference.siglip_rows(x.double(), y.double(), one, zero, 0)[0]
+    err = ((got.double() - ref) / ref).abs().max()  # per row: every row is small
+    assert err < M * 2.0**-24, float(err)
