@@ -134,18 +134,21 @@ def run_point(cfg: dict, timeout: float) -> dict:
 
 
 def write_table(rows: list, path: Path) -> None:
-    """Markdown: per (D, dtype) one table of ms (MiB) by B and provider, and the fused/naive ratios."""
+    """Markdown: per (threads, D, dtype) one table of ms (MiB) by B and provider, and the
+    fused/naive ratios; each table names the dates of its rows."""
     lines = ["# SigLIP on CPU: fused vs naive vs torch.compile(naive), next to NT-Xent", "",
-             "Forward + backward (img, txt, t, b): median CPU time per call in ms (peak extra memory in MiB), "
-             f"{rows[0]['threads'] if rows else '?'} thread(s). Measured on a shared 2-core machine under heavy "
-             "contention from other jobs (load average 15–30): CPU time of the process is reported because "
-             "wall time was dominated by waiting for a core (wall medians and 20/80 % quantiles are in the CSV); "
-             "peak memory is not affected. bf16: the fused kernel computes in fp32, naive in bf16.", ""]
-    keys = sorted({(r["D"], r["dtype"]) for r in rows}, key=lambda k: (int(k[0]), k[1]))
-    for D, dtype in keys:
-        sub = [r for r in rows if r["D"] == D and r["dtype"] == dtype]
+             "Forward + backward (img, txt, t, b): median CPU time per call in ms (peak extra memory in MiB). "
+             "Measured on a shared 2-core machine: CPU time of the process is reported because wall time "
+             "depends on the other jobs (wall medians and 20/80 % quantiles are in the CSV); peak memory is not "
+             "affected. bf16: the fused kernel computes in fp32, naive in bf16. Conditions of each run: notes below.",
+             ""]
+    keys = sorted({(r["threads"], r["D"], r["dtype"]) for r in rows}, key=lambda k: (-int(k[0]), int(k[1]), k[2]))
+    for threads, D, dtype in keys:
+        sub = [r for r in rows if (r["threads"], r["D"], r["dtype"]) == (threads, D, dtype)]
         names = [p for p in PROVIDERS if any(r["provider"] == p for r in sub)]
-        lines += [f"## D = {D}, {dtype}", "", "| B | " + " | ".join(names) + " | fused/naive time | fused/naive memory |",
+        dates = ", ".join(sorted({r["date"] for r in sub}))
+        lines += [f"## D = {D}, {dtype}, {threads} thread(s) ({dates})", "",
+                  "| B | " + " | ".join(names) + " | fused/naive time | fused/naive memory |",
                   "|---" * (len(names) + 3) + "|"]
         for B in sorted({int(r["B"]) for r in sub}):
             cell, by = [], {r["provider"]: r for r in sub if int(r["B"]) == B}
@@ -154,7 +157,7 @@ def write_table(rows: list, path: Path) -> None:
                 cell.append("—" if r is None else (f"{float(r['cpu_median_ms']):.1f} ({float(r['peak_mem_mb']):.1f})"
                                                    if r["status"] == "ok" else r["status"]))
             f, n = by.get("fastntxent-cpu"), by.get("naive")
-            if f and n and f["status"] == n["status"] == "ok":
+            if f and n and f["status"] == n["status"] == "ok" and f["date"] == n["date"]:  # one run's rows only
                 ratio_t = f"{float(f['cpu_median_ms']) / float(n['cpu_median_ms']):.2f}×"
                 ratio_m = f"{float(f['peak_mem_mb']) / max(float(n['peak_mem_mb']), 1e-9):.3f}×"
             else:
@@ -205,7 +208,7 @@ def main(argv=None):
         rows = list(csv.DictReader(f))
     latest = {}
     for r in rows:  # the last measurement of each point
-        latest[(r["provider"], r["B"], r["D"], r["dtype"])] = r
+        latest[(r["provider"], r["B"], r["D"], r["dtype"], r["threads"])] = r
     write_table(list(latest.values()), args.out.with_suffix(".md"))
 
 

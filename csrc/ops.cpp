@@ -86,7 +86,7 @@ TORCH_LIBRARY(fastntxent, m) {
       "Tensor lse, Tensor grad_lse, Tensor grad_pos, bool need_grad_k, bool decoupled=False) -> "
       "(Tensor grad_q, Tensor grad_k)");
 
-  // SigLIP's pairwise sigmoid loss (docs/maths.md §6; csrc/cpu/siglip.cpp). Images x: (M, D),
+  // SigLIP's pairwise sigmoid loss (docs/maths.md §7; csrc/cpu/siglip.cpp). Images x: (M, D),
   // texts y: (N, D), scale t > 0 and bias b: 0-dim; logits ℓ_ij = t·(x_i·y_j) + b, the positive
   // of row i at column i + pos_offset (0 <= pos_offset, pos_offset + M <= N). With z_ij = ±1
   // (positive / not) and g_ij = −z_ij σ(−z_ij ℓ_ij) = ∂/∂ℓ_ij [−log σ(z_ij ℓ_ij)], returns (M,)
@@ -102,4 +102,11 @@ TORCH_LIBRARY(fastntxent, m) {
   m.def(
       "siglip_backward(Tensor x, Tensor y, Tensor scale, Tensor bias, int pos_offset, Tensor grad_loss, "
       "bool need_grad_y) -> (Tensor grad_x, Tensor grad_y)");
+  // The loss L = Σ_i loss_i (0-dim) and its gradients from the forward's one sweep (CPU), each in
+  // the accumulation dtype: grad_x (M, D), grad_y (N, D) (zeros, not computed, when not needed),
+  // grad_scale = Σ_i dlogit_cos_i, grad_bias = Σ_i dlogit_sum_i (0-dim). For "mean" / "sum", whose
+  // row weights are all alike, the backward only scales them by the incoming gradient.
+  m.def(
+      "siglip_loss_and_grad(Tensor x, Tensor y, Tensor scale, Tensor bias, int pos_offset, bool need_grad_x, "
+      "bool need_grad_y) -> (Tensor loss, Tensor grad_x, Tensor grad_y, Tensor grad_scale, Tensor grad_bias)");
 }

@@ -32,6 +32,7 @@ _HAS_CROSS = _has_kernel("fastntxent::cross_forward", "CPU")
 _HAS_CUDA = _has_kernel("fastntxent::self_forward", "CUDA")
 _HAS_LOCAL_ROWS = _has_kernel("fastntxent::self_forward_rows", "CPU")
 _HAS_SIGLIP = _has_kernel("fastntxent::siglip_forward", "CPU")
+_HAS_SIGLIP_LOSS_AND_GRAD = _has_kernel("fastntxent::siglip_loss_and_grad", "CPU")
 
 
 def _archs(text: str) -> tuple:
@@ -61,6 +62,11 @@ def has_local_rows_kernels() -> bool:
 def has_siglip_kernels() -> bool:
     """The fused CPU kernels of SigLIP's sigmoid loss are in the build."""
     return _HAS_SIGLIP
+
+
+def has_siglip_loss_and_grad() -> bool:
+    """The CPU build has SigLIP's summed loss with its gradient from the forward sweep."""
+    return _HAS_SIGLIP_LOSS_AND_GRAD
 
 
 def has_cuda_kernels() -> bool:

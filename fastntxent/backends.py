@@ -19,6 +19,9 @@ pair with one schema (csrc/ops.cpp, docs/maths.md); every backend provides that 
                   need_grad_k, decoupled) -> (grad_q, grad_k)
   siglip: forward(x, y, scale, bias, pos_offset) -> (loss, dlogit_sum, dlogit_cos)
           backward(x, y, scale, bias, pos_offset, grad_loss, need_grad_y) -> (grad_x, grad_y)
+          and, where a backend has it (cpu), loss_and_grad(x, y, scale, bias, pos_offset,
+          need_grad_x, need_grad_y) -> (Σ_i loss_i, grad_x, grad_y, grad_scale, grad_bias):
+          the summed loss with its gradients from the forward's sweep ("mean" / "sum")
 A new backend is one row here plus its kernel file.
 """
 from __future__ import annotations
@@ -44,6 +47,7 @@ class Operators(NamedTuple):
     forward: Callable
     backward: Optional[Callable]  # None: the reference, differentiated by autograd itself
     selective: bool = False       # forward takes a trailing `outputs` mask (Triton: see below)
+    loss_and_grad: Optional[Callable] = None  # siglip: summed loss and its gradient in one sweep
 
     def forward_extra(self, scalar: torch.Tensor, return_stats: bool) -> tuple:
         """Trailing forward arguments: for a selective forward (Triton) the mask of the optional
@@ -168,7 +172,8 @@ def _compiled_operators(family: str) -> Operators:
     if family == "self_rows":
         return Operators(ops.self_forward_rows, ops.self_backward_rows)
     if family == "siglip":
-        return Operators(ops.siglip_forward, ops.siglip_backward)
+        fused = ops.siglip_loss_and_grad if _extension.has_siglip_loss_and_grad() else None
+        return Operators(ops.siglip_forward, ops.siglip_backward, loss_and_grad=fused)
     return Operators(ops.cross_forward, ops.cross_backward)
 
 

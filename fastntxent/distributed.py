@@ -213,8 +213,8 @@ def gather_no_grad(x: torch.Tensor, name: str = "input") -> torch.Tensor:
 # Reductions of the local rows under the convention
 # ---------------------------------------------------------------------------------------
 def reduce_local_rows(per_row: torch.Tensor, reduction: str, global_count) -> torch.Tensor:
-    """The loss from the local rows' ℓ under the convention above. "none": the local ℓ
-    unchanged; "sum" / "mean": the global value (all-reduced), with the gradient of W·Σ_local ℓ
+    """The loss from the local rows' ℓ (M,) — or, for "sum" / "mean", their sum (0-dim) —
+    under the convention above. "none": the local ℓ unchanged; "sum" / "mean": the global value (all-reduced), with the gradient of W·Σ_local ℓ
     (divided by `global_count`, an int or a 0-dim tensor, for "mean")."""
     if reduction == "none":
         return per_row

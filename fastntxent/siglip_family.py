@@ -1,5 +1,5 @@
-"""SigLIP's pairwise sigmoid loss (Zhai et al. 2023; docs/maths.md §6): operator docs, fake
-kernels and autograd (register_operators), and the loss function.
+"""SigLIP's pairwise sigmoid loss (Zhai et al. 2023; docs/maths.md §7): operator docs, fake
+kernels and autograd (register_operators, register_loss_and_grad), and the loss function.
 
 One operator pair, implemented by the fused backends (fastntxent.backends):
 
@@ -13,8 +13,21 @@ One operator pair, implemented by the fused backends (fastntxent.backends):
 
 `register_operators` gives a backend's pair its fake kernels and autograd; the scalars'
 gradients come from the forward's row sums: ∂L/∂scale = Σ_i grad_loss_i·dlogit_cos_i,
-∂L/∂bias = Σ_i grad_loss_i·dlogit_sum_i. With `gather=True` the texts are gathered over
-torch.distributed (fastntxent.distributed) and each rank computes its local image rows.
+∂L/∂bias = Σ_i grad_loss_i·dlogit_sum_i.
+
+And, on the CPU backend, one operator for "mean" / "sum" when a gradient will be needed:
+
+    loss_and_grad(x, y, scale, bias, pos_offset, need_grad_x, need_grad_y)
+        -> (L, ∂L/∂x, ∂L/∂y, ∂L/∂scale, ∂L/∂bias)
+        L = Σ_i loss_i (0-dim) and its gradients ((M, D), (N, D), 0-dim, 0-dim; all in the
+        accumulation dtype; a tower's zeros when not needed), from the forward's one sweep over
+        the tiles (3 matrix products per tile instead of the pair's 1 + 3). Every row has the
+        same weight in "mean" / "sum", so the backward (`register_loss_and_grad`) only multiplies
+        the saved gradients by the incoming scalar gradient. "none" (per-row weights known only
+        in the backward) and inference (no gradient wanted) use the pair.
+
+With `gather=True` the texts are gathered over torch.distributed (fastntxent.distributed) and
+each rank computes its local image rows.
 """
 from __future__ import annotations
 
@@ -24,11 +37,11 @@ import torch
 
 from . import _extension, backends
 from . import distributed as _dist
-from .row_math import accumulation_dtype, any_nonfinite, normalize_rows, poison, poison_gradient, reduce_rows
+from .row_math import accumulation_dtype, any_nonfinite, normalize_rows, poison, poison_gradient
 from ._validation import (Scalar, _compiling, as_temperature, bad_scalar, check_flag, check_pair, check_reduction,
                           refuse_double_backward, refuse_unsupported_autograd)
 
-__all__ = ["siglip_loss", "register_operators"]
+__all__ = ["siglip_loss", "register_operators", "register_loss_and_grad"]
 
 
 def register_operators(forward_op, backward_op) -> None:
@@ -70,8 +83,45 @@ def register_operators(forward_op, backward_op) -> None:
     torch.library.register_autograd(forward_op, backward, setup_context=setup_context)
 
 
+def register_loss_and_grad(op) -> None:
+    """Fake kernel and autograd of a backend's loss_and_grad operator: the backward scales the
+    gradients the forward saved by the incoming gradient of L (a 0-dim tensor; NaN gives NaN)."""
+
+    @torch.library.register_fake(op)
+    def _fake(x, y, scale, bias, pos_offset, need_grad_x, need_grad_y):
+        acc = accumulation_dtype(x.dtype)
+        loss = x.new_empty((), dtype=acc)
+        return (loss, x.new_empty(x.shape, dtype=acc), y.new_empty(y.shape, dtype=acc), torch.empty_like(loss),
+                torch.empty_like(loss))
+
+    def setup_context(ctx, inputs, output):
+        x, y, scale, bias, _, need_grad_x, need_grad_y = inputs
+        _, *grads = output
+        ctx.mark_non_differentiable(*grads)
+        ctx.set_materialize_grads(False)  # no (M, D) zeros for the gradient outputs' incoming gradients
+        ctx.save_for_backward(*grads)
+        ctx.dtypes = (x.dtype, y.dtype, scale.dtype, bias.dtype)
+        ctx.computed = (need_grad_x, need_grad_y, True, True)
+
+    def backward(ctx, grad_loss, *_):
+        refuse_double_backward()
+        if grad_loss is None:
+            return (None,) * 7
+        out = []
+        for needed, computed, saved, dtype in zip(ctx.needs_input_grad, ctx.computed, ctx.saved_tensors, ctx.dtypes):
+            if needed and not computed:
+                raise RuntimeError("fastntxent: siglip_loss_and_grad was called with need_grad_x / need_grad_y "
+                                   "False for an input that requires grad")
+            out.append((grad_loss * saved).to(dtype) if needed else None)
+        return (*out, None, None, None)
+
+    torch.library.register_autograd(op, backward, setup_context=setup_context)
+
+
 if _extension.has_siglip_kernels():
     register_operators(torch.ops.fastntxent.siglip_forward.default, torch.ops.fastntxent.siglip_backward.default)
+if _extension.has_siglip_loss_and_grad():
+    register_loss_and_grad(torch.ops.fastntxent.siglip_loss_and_grad.default)
 
 
 def as_bias(bias: Scalar, like: torch.Tensor) -> torch.Tensor:
@@ -126,7 +176,7 @@ def siglip_loss(
     scale = as_temperature(logit_scale, img, name="logit_scale")
     bias = as_bias(logit_bias, img)
     chosen = backends.resolve("siglip", backend, img.device, img.dtype)
-    forward = chosen.operators("siglip").forward
+    ops = chosen.operators("siglip")
     layout = _dist.exchange_layout(img, "img, txt", grad=txt.requires_grad) if gather else None
     refuse_unsupported_autograd(chosen.name, img, txt, scale, bias)
     bad = any_nonfinite(img, txt) | bad_scalar(scale) | ~torch.isfinite(bias)
@@ -140,9 +190,21 @@ def siglip_loss(
         cols = _dist.gather_rows(uy, layout)
         offset, global_rows = layout.start, layout.total
         bad = bad | any_nonfinite(cols)
-    per_row, _, _ = forward(ux, cols, scale, bias, offset)
+    rows = _row_losses_or_sum(ops, ux, cols, scale, bias, offset, reduction)
     if gather:
-        loss = _dist.reduce_local_rows(per_row, reduction, global_rows)
+        loss = _dist.reduce_local_rows(rows, reduction, global_rows)
+    elif reduction == "none":
+        loss = rows
     else:
-        loss = reduce_rows(per_row, torch.ones_like(per_row, dtype=torch.bool), reduction)
+        loss = rows.sum() if reduction == "sum" else rows.sum() / M
     return poison(loss, bad, scale, bias)
+
+
+def _row_losses_or_sum(ops, x, y, scale, bias, offset: int, reduction: str) -> torch.Tensor:
+    """The rows' losses (M,), or their sum (0-dim: only the sum is used) from the backend's
+    loss_and_grad operator when it has one, the reduction weighs every row alike ("mean" /
+    "sum") and a gradient will be needed: the gradient is then formed in the forward's sweep."""
+    wants_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, y, scale, bias))
+    if ops.loss_and_grad is None or reduction == "none" or not wants_grad:
+        return ops.forward(x, y, scale, bias, offset)[0]
+    return ops.loss_and_grad(x, y, scale, bias, offset, x.requires_grad, y.requires_grad)[0]

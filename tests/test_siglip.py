@@ -433,3 +433,184 @@ def test_gather_compat_equals_open_clip(dist_results):
     for o, r in zip(ours, real):
         for name in ("loss", "img", "txt", "t", "b"):
             assert_rel_close(o[name], r[name], 1e-12, name)
+
+
+# ---------------------------------------------------------------------------------------
+# The CPU kernel's gradient from the forward sweep ("mean" / "sum": siglip_loss_and_grad)
+# ---------------------------------------------------------------------------------------
+needs_loss_and_grad = pytest.mark.skipif(not _extension.has_siglip_loss_and_grad(),
+                                         reason="fastntxent._C without siglip_loss_and_grad")
+FORWARD, BACKWARD, FUSED = "fastntxent.siglip_forward", "fastntxent.siglip_backward", "fastntxent.siglip_loss_and_grad"
+
+
+class _FastntxentOps(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the fastntxent operators dispatched while active (forward and backward)."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "fastntxent":
+            self.names.append(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
+def _ops_run_by(fn) -> list:
+    with _FastntxentOps() as log:
+        fn()
+    return log.names
+
+
+@needs_loss_and_grad
+def test_mean_and_sum_take_their_gradient_from_the_forward_sweep():
+    x, y = _leaf(torch.randn(20, 8)), _leaf(torch.randn(20, 8))
+    t = _leaf(torch.tensor(10.0))
+    for reduction in ("mean", "sum"):
+        run = lambda: fx.siglip_loss(x, y, t, -10.0, reduction=reduction, backend="cpu").backward()  # noqa: E731
+        assert _ops_run_by(run) == [FUSED], reduction
+    none = lambda: fx.siglip_loss(x, y, t, -10.0, reduction="none", backend="cpu").sum().backward()  # noqa: E731
+    assert _ops_run_by(none) == [FORWARD, BACKWARD]
+    with torch.no_grad():  # inference: the forward alone
+        assert _ops_run_by(lambda: fx.siglip_loss(x, y, t, -10.0, backend="cpu")) == [FORWARD]
+    assert _ops_run_by(lambda: fx.siglip_loss(x.detach(), y.detach(), 10.0, -10.0, backend="cpu")) == [FORWARD]
+
+
+@needs_loss_and_grad
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("B,D", [(1, 3), (129, 7), (300, 33)], ids=str)
+def test_cpu_gradients_scale_with_the_incoming_gradient(dtype, reduction, B, D):
+    """Loss and ∂img, ∂txt, ∂log t, ∂b (learnable t = exp(log t) and b) of the cpu backend vs the
+    float64 reference on the same rounded inputs, for an incoming gradient of 3 and of −0.25 (per
+    row, times a random weight, for "none"): gradients not multiplied by it are 3× too large /
+    of the wrong sign. Sizes across the 128 × 256 tiles."""
+    img, txt = torch.randn(B, D, dtype=torch.float64), torch.randn(B, D, dtype=torch.float64)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    tol = TOLERANCE[dtype]
+    for grad_out in (3.0, -0.25):
+        x, y = _leaf(img, dtype), _leaf(txt, dtype)
+        log_t, b = _leaf(torch.tensor(math.log(8.0), dtype=acc)), _leaf(torch.tensor(-6.0, dtype=acc))
+        x64, y64 = _leaf(x.detach(), torch.float64), _leaf(y.detach(), torch.float64)
+        log_t64, b64 = _leaf(log_t.detach(), torch.float64), _leaf(b.detach(), torch.float64)
+        got = fx.siglip_loss(x, y, log_t.exp(), b, reduction=reduction, backend="cpu")
+        ref = reference.siglip_loss(x64, y64, log_t64.exp(), b64, reduction=reduction)
+        assert got.dtype == acc and got.shape == ref.shape
+        assert_rel_close(got.detach(), ref.detach(), tol, f"{grad_out} loss")
+        upstream = grad_out * (torch.rand(ref.shape, dtype=torch.float64) + 0.5 if reduction == "none" else 1.0)
+        got.backward(torch.as_tensor(upstream, dtype=acc).expand(got.shape))
+        ref.backward(torch.as_tensor(upstream, dtype=torch.float64).expand(ref.shape))
+        for name, g, r in (("img", x, x64), ("txt", y, y64), ("log t", log_t, log_t64), ("b", b, b64)):
+            assert g.grad.dtype == g.dtype, name
+            assert_rel_close(g.grad, r.grad, tol, f"{grad_out} {reduction} grad {name}")
+
+
+@needs_loss_and_grad
+@pytest.mark.parametrize("need_x,need_y", [(True, True), (True, False), (False, True), (False, False)])
+def test_loss_and_grad_operator_with_offset_matches_reference(need_x, need_y):
+    """The operator on its own with gather=True's layout (local rows M against N gathered columns,
+    the positive at an offset): L = Σ_i loss_i and its four gradients (zeros for a tower not asked
+    for) vs autograd of the float64 reference rows."""
+    x, y = torch.randn(11, 6), torch.randn(300, 6)
+    s, b = torch.tensor(3.0), torch.tensor(-1.0)
+    loss, gx, gy, gs, gb = torch.ops.fastntxent.siglip_loss_and_grad(x, y, s, b, 260, need_x, need_y)
+    x64, y64, s64, b64 = (_leaf(v, torch.float64) for v in (x, y, s, b))
+    ref = reference.siglip_rows(x64, y64, s64, b64, 260)[0].sum()
+    refs = torch.autograd.grad(ref, (x64, y64, s64, b64))
+    assert_rel_close(loss, ref.detach(), 1e-5, "loss")
+    for name, g, r, needed in zip(("x", "y", "scale", "bias"), (gx, gy, gs, gb), refs, (need_x, need_y, True, True)):
+        assert g.dtype == torch.float32 and g.shape == r.shape, name
+        if needed:
+            assert_rel_close(g, r, 1e-5, name)
+        else:
+            assert torch.equal(g, torch.zeros_like(g)), name
+
+
+@needs_loss_and_grad
+def test_saved_gradient_survives_retain_graph_and_double_backward_is_refused():
+    x, y = _leaf(torch.randn(30, 5)), _leaf(torch.randn(30, 5))
+    t = _leaf(torch.tensor(5.0))
+    loss = fx.siglip_loss(x, y, t, -2.0, backend="cpu")
+    loss.backward(retain_graph=True)
+    first = [v.grad.clone() for v in (x, y, t)]
+    (loss * 2).backward()  # 1× + 2× the same saved gradient
+    for v, g in zip((x, y, t), first):
+        assert torch.allclose(v.grad, 3 * g, rtol=1e-6, atol=0)
+    with pytest.raises(NotImplementedError, match="double backward"):
+        torch.autograd.grad(fx.siglip_loss(x, y, t, -2.0, backend="cpu"), t, create_graph=True)
+    with pytest.raises(RuntimeError, match="need_grad_x"):
+        torch.ops.fastntxent.siglip_loss_and_grad(x, y.detach(), t, torch.tensor(0.0), 0, False, False)[0].backward()
+
+
+@needs_loss_and_grad
+def test_nonfinite_scale_or_bias_tensor_gives_nan_gradients():
+    for scale, bias in ((float("inf"), -1.0), (2.0, float("nan")), (float("nan"), 0.0)):
+        x, y = _leaf(torch.randn(9, 4)), _leaf(torch.randn(9, 4))
+        t, b = _leaf(torch.tensor(scale)), _leaf(torch.tensor(bias))
+        loss = fx.siglip_loss(x, y, t, b, backend="cpu")
+        assert torch.isnan(loss), (scale, bias)
+        assert all(torch.isnan(g).all() for g in torch.autograd.grad(loss, (x, y, t, b))), (scale, bias)
+
+
+@needs_loss_and_grad
+def test_opcheck_loss_and_grad():
+    x = torch.nn.functional.normalize(torch.randn(13, 5, dtype=torch.float64), dim=1)
+    y = torch.nn.functional.normalize(torch.randn(20, 5, dtype=torch.float64), dim=1)
+    for dtype in (torch.float32, torch.float64):
+        s, b = torch.tensor(4.0, dtype=dtype), torch.tensor(-2.0, dtype=dtype)
+        for off, need_x, need_y in ((0, True, True), (7, True, False), (3, False, True)):
+            args = (x.to(dtype).requires_grad_(need_x), y.to(dtype).requires_grad_(need_y),
+                    s.clone().requires_grad_(), b.clone().requires_grad_(), off, need_x, need_y)
+            torch.library.opcheck(torch.ops.fastntxent.siglip_loss_and_grad.default, args)
+
+
+@needs_loss_and_grad
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_torch_compile_fullgraph_scaled_loss(reduction):
+    """torch.compile(fullgraph=True) of 3 × the loss (the saved gradient scaled in the compiled
+    backward) with a learnable scale and bias, against eager."""
+    def step(x, y, log_t, b):
+        loss = fx.siglip_loss(x, y, log_t.exp(), b, reduction=reduction, backend="cpu")
+        return 3 * loss.sum()
+
+    torch._dynamo.reset()
+    inputs = [_leaf(torch.randn(10, 6)), _leaf(torch.randn(10, 6)), _leaf(torch.tensor(2.0)), _leaf(torch.tensor(-3.0))]
+    compiled = torch.compile(step, fullgraph=True)(*inputs)
+    got = torch.autograd.grad(compiled, inputs)
+    eager = step(*inputs)
+    expected = torch.autograd.grad(eager, inputs)
+    assert torch.allclose(compiled, eager, rtol=1e-5, atol=1e-6)
+    for g, e in zip(got, expected):
+        assert torch.allclose(g, e, rtol=1e-5, atol=1e-6)
+
+
+@needs_cpu
+def test_cpu_pair_terms_across_the_logit_range():
+    """The fp32 kernel's own softplus / sigmoid (one exp, log1p by a series) row by row against
+    float64: logits ℓ_ij = x_i from −60 to 60 in every column (D = 1, y = 1), and 0, ±1e-30, ±1e-7,
+    ±40 (ATen's softplus threshold), ±88 and ±104 (exp underflow). Error bound per row: N·2⁻²⁴ of
+    the sum of the terms' magnitudes (Σ g may cancel; the fp32 row sums run in column order — the
+    previous kernel, with ATen's softplus, had the same loss errors). Then rows of small terms
+    only (negatives at ℓ from −30 to −3, the positive at +15), where a plain log(1 + e) would be
+    off by up to 1 % (e ≈ 1e-5)."""
+    special = torch.tensor([0.0, 1e-30, -1e-30, 1e-7, -1e-7, 40.0, -40.0, 88.0, -88.0, 104.0, -104.0])
+    x = torch.cat([torch.linspace(-60, 60, 241), special]).unsqueeze(1)
+    one, zero = torch.tensor(1.0, dtype=torch.float64), torch.tensor(0.0, dtype=torch.float64)
+    for off in (0, 7):
+        y = torch.ones(x.shape[0] + off, 1)
+        got = torch.ops.fastntxent.siglip_forward(x, y, one.float(), zero.float(), off)
+        ref = reference.siglip_rows(x.double(), y.double(), one, zero, off)
+        ell, n = x.double().squeeze(1), y.shape[0]
+        magnitude = (n - 1) * torch.sigmoid(ell) + torch.sigmoid(-ell)  # Σ_j |g_ij|
+        for name, g, r, m in zip(("loss", "dlogit_sum", "dlogit_cos"), got, ref,
+                                 (ref[0], magnitude, magnitude * ell.abs())):
+            err = ((g.double() - r).abs() / m.clamp_min(1e-300)).max()
+            assert err < n * 2.0**-24, (off, name, float(err))
+    M = 64
+    a = torch.linspace(-30, -3, M)
+    x = torch.cat([a.unsqueeze(1), torch.diag(15 - a)], dim=1)  # ℓ_ij = a_i + (15 − a_i)·[i = j]
+    y = torch.cat([torch.ones(M, 1), torch.eye(M)], dim=1)
+    got = torch.ops.fastntxent.siglip_forward(x, y, one.float(), zero.float(), 0)[0]
+    ref = reference.siglip_rows(x.double(), y.double(), one, zero, 0)[0]
+    err = ((got.double() - ref) / ref).abs().max()  # per row: every row is small
+    assert err < M * 2.0**-24, float(err)
