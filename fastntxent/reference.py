@@ -143,11 +143,11 @@ def clip_loss(a: torch.Tensor, b: torch.Tensor, logit_scale, normalize: bool = T
 
 
 # ---------------------------------------------------------------------------------------
-# SigLIP's pairwise sigmoid loss (docs/maths.md §6), materialising the B×N logits.
+# SigLIP's pairwise sigmoid loss (docs/maths.md §7), materialising the B×N logits.
 
 
 def siglip_rows(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor, pos_offset: int = 0):
-    """Per-row statistics of SigLIP (docs/maths.md §6) from the materialised logits.
+    """Per-row statistics of SigLIP (docs/maths.md §7) from the materialised logits.
 
     x: (M, D) image rows, y: (N, D) text rows (positive of row i: y[i + pos_offset]), scale t
     and bias b: 0-dim. With ℓ_ij = t·x_i·y_j + b, z_ij = +1 at the positive, −1 elsewhere and
@@ -166,7 +166,7 @@ def siglip_rows(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, bias: tor
 
 def siglip_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale, logit_bias, normalize: bool = True,
                 reduction: str = "mean") -> torch.Tensor:
-    """Literal docs/maths.md §6 SigLIP loss of towers img, txt (B, D), in img's dtype:
+    """Literal docs/maths.md §7 SigLIP loss of towers img, txt (B, D), in img's dtype:
     ℓ = t·img txtᵀ + b, labels 2·I − 1, −Σ_j log σ(labels·ℓ) per image row, then the mean over
     the B rows ("mean", as open_clip's SigLipLoss), the sum, or the rows ("none")."""
     if normalize:

@@ -1,4 +1,4 @@
-"""Triton operators of SigLIP's pairwise sigmoid loss (docs/maths.md §6).
+"""Triton operators of SigLIP's pairwise sigmoid loss (docs/maths.md §7).
 
     fastntxent::siglip_forward_triton(x, y, scale, bias, pos_offset)
         -> (loss, dlogit_sum, dlogit_cos)                            each (M,) float32

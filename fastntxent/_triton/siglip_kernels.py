@@ -1,4 +1,4 @@
-"""Triton kernels of SigLIP's pairwise sigmoid loss (docs/maths.md §6).
+"""Triton kernels of SigLIP's pairwise sigmoid loss (docs/maths.md §7).
 
 Pure Triton (see tiles.py): compiled ahead of time by .ci/compile_triton.py; launched by
 siglip.py, which documents the operators.
