@@ -44,7 +44,7 @@ CHUNK_DO = {"16bit": 256, "fp32": 128}
 if INTERPRETING:
     FWD_CONFIGS = [triton.Config({"BLOCK_M": INTERP_BLOCK_M, "BLOCK_N": INTERP_BLOCK_N}, num_warps=4, num_stages=1)]
     BWD_CONFIGS = list(FWD_CONFIGS)
-    FALLBACK_16BIT = FALLBACK_FP32 = None  # (the GPU's backward fallbacks, below)
+    FALLBACK_16BIT = FALLBACK_FP32 = EXACT_FWD_FALLBACK = None  # (the GPU's fallbacks, below)
 else:
     # At most 32 similarities per thread (BLOCK_M·BLOCK_N / threads): the 64-per-thread tiles
     # (128x128 w8, 128x64 w4, 64x128 w4) reached 255 registers and spilled 32-400 B in the
@@ -56,6 +56,10 @@ else:
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 32}, num_warps=4, num_stages=4),
         triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2),  # fits any GPU
     ]
+    # Exact fp32 only (`exact_fallback`): 64x32 on 8 warps, free to take 255 registers — the
+    # 4-warp one spilled 8-24 B with every statistic (ieee, sm_80 / sm_90, triton 3.6 / 3.8).
+    EXACT_FWD_FALLBACK = triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=8, num_stages=2, maxnreg=255)
+    FWD_CONFIGS.append(EXACT_FWD_FALLBACK)
     BWD_CONFIGS = [
         triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2),
         triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=8, num_stages=3),
@@ -135,7 +139,8 @@ def flags_for(dtype: str, fp32_precision: str, D: int, capability) -> dict:
 def prune_configs(configs, named_args, **kwargs):
     """Autotune pruning before anything compiles:
     - exact fp32 products (EXACT, on FMA units) keep only the configs with tiles of at most
-      64×64 (`exact_configs`), which hold their operands in registers (the larger ones spill
+      64×64 (`exact_configs`; the forward's own 8-warp fallback EXACT_FWD_FALLBACK is theirs
+      only), which hold their operands in registers (the larger ones spill
       kilobytes per thread and take minutes to compile);
     - a forward with fp32 (tf32) operands keeps the configs whose row block takes ≤ 64
       registers per thread, and with the top-1 statistic only the 4-warp ones;
@@ -147,6 +152,8 @@ def prune_configs(configs, named_args, **kwargs):
     `EXACT` is not a kernel argument: the launchers pass it through `PREC`/`CAST_F32`."""
     exact = (kwargs.get("PREC", named_args.get("PREC")) in ("ieee", "tf32x3")
              and not INTERPRETING and _fp32_operands(named_args, kwargs))
+    if not INTERPRETING and not exact:
+        configs = [c for c in configs if c is not EXACT_FWD_FALLBACK] or configs
     kept = exact_configs(configs) if exact else configs
     block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
     if (not exact and not INTERPRETING and "BLOCK_DO" not in kwargs and block_d is not None
