@@ -46,7 +46,7 @@ def test_compile_one_kernel(tmp_path):
         assert col in header
     assert "compile gate: passed" in proc.stdout
     rows = json.loads(out.read_text())["rows"]
-    assert sorted(r["variant"] for r in rows) == ["nolab", "nolab+all"]  # the every-config variants
+    assert sorted(r["variant"] for r in rows) == ["labels+rows+all", "nolab", "nolab+all", "nolab+rows"]  # every-config variants
     r = next(r for r in rows if r["variant"] == "nolab")
     full = next(r for r in rows if r["variant"] == "nolab+all")
     assert full["epi_per_sim"] > r["epi_per_sim"]  # top-1 and Σ P·s cost instructions in the loop
@@ -232,12 +232,13 @@ def test_backward_pruning_keeps_the_accumulator_in_registers():
 
 def test_backward_fallback_follows_the_operand_type():
     """One 8-warp fallback per operand type: `maxnreg` only where the operands are fp32
-    (tiles.FALLBACK_FP32); 16-bit kernels keep FALLBACK_16BIT; the forward is untouched."""
+    (tiles.FALLBACK_FP32); 16-bit kernels keep FALLBACK_16BIT; among the forward's configs only
+    the exact-fp32 fallback has it."""
     code = ("import sys; sys.path.insert(0, '.ci'); import compile_triton as g; m = g.load_kernels(); t = m['tiles']; "
             "fb = lambda k, dt, D: t.BWD_CONFIGS[g.kept_configs(t, k, dt, D, 80)[-1]]; "
             "print(*[fb(k, dt, D).maxnreg for k in ('self_bwd_kernel', 'cross_bwd_k_kernel') "
             "for dt in ('bf16', 'fp16', 'tf32', 'ieee') for D in (128, 512)], "
-            "all(c.maxnreg is None for c in t.FWD_CONFIGS))")
+            "all((c.maxnreg is None) == (c is not t.EXACT_FWD_FALLBACK) for c in t.FWD_CONFIGS))")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
     assert out.returncode == 0, out.stderr
