@@ -128,18 +128,24 @@ def test_specialisation_matches_triton_runtime():
         assert gate.specialize(gate.P(name))[:2] == (ty, "D" in attr)
 
 
+def _run_outside_interpreter(code: str):
+    """Runs `code` in a fresh Python without TRITON_INTERPRET (the kernel modules load as the
+    gate loads them); the completed process, asserted to have exited 0."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return out
+
+
 def test_exact_fp32_tiling_outside_the_interpreter():
     """What the GPU launch uses for exact fp32 (the tests' process runs the interpreter, so
     the kernel modules are loaded as the gate loads them, without TRITON_INTERPRET)."""
-    import subprocess
     import sys
 
     code = ("import importlib.util, sys; sys.path.insert(0, '.ci'); import compile_triton as g; m = g.load_kernels(); "
             "t = m['tiles']; print(t.d_blocks(128, True, exact=True), t.d_blocks(20, True, exact=True), "
             "len(t.exact_configs(t.FWD_CONFIGS)), len(t.FWD_CONFIGS))")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
-    assert out.returncode == 0, out.stderr
+    out = _run_outside_interpreter(code)
     assert out.stdout.split() == ["(32,", "4,", "64)", "(32,", "1,", "32)", "3", "6"], out.stdout
 
 
@@ -224,9 +230,7 @@ def test_backward_pruning_keeps_the_accumulator_in_registers():
             "g.kept_configs(t, 'self_bwd_kernel', 'bf16', 512, 80) == "
             "[t.BWD_CONFIGS.index(c) for c in t.operand_fallback(t.acc_configs(t.BWD_CONFIGS, 256), False)], "
             "t.d_blocks(512, False), t.d_blocks(512, True))")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
-    assert out.returncode == 0, out.stderr
+    out = _run_outside_interpreter(code)
     assert out.stdout.split() == ["[8]", "True", "True", "(64,", "8,", "256)", "(64,", "8,", "128)"], out.stdout
 
 
@@ -239,9 +243,7 @@ def test_backward_fallback_follows_the_operand_type():
             "print(*[fb(k, dt, D).maxnreg for k in ('self_bwd_kernel', 'cross_bwd_k_kernel') "
             "for dt in ('bf16', 'fp16', 'tf32', 'ieee') for D in (128, 512)], "
             "all((c.maxnreg is None) == (c is not t.EXACT_FWD_FALLBACK) for c in t.FWD_CONFIGS))")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
-    assert out.returncode == 0, out.stderr
+    out = _run_outside_interpreter(code)
     assert out.stdout.split() == (["None"] * 4 + ["255"] * 4) * 2 + ["True"], out.stdout
 
 
