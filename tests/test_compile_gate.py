@@ -140,7 +140,6 @@ def _run_outside_interpreter(code: str):
 def test_exact_fp32_tiling_outside_the_interpreter():
     """What the GPU launch uses for exact fp32 (the tests' process runs the interpreter, so
     the kernel modules are loaded as the gate loads them, without TRITON_INTERPRET)."""
-    import sys
 
     code = ("import importlib.util, sys; sys.path.insert(0, '.ci'); import compile_triton as g; m = g.load_kernels(); "
             "t = m['tiles']; print(t.d_blocks(128, True, exact=True), t.d_blocks(20, True, exact=True), "
